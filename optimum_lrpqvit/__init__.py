@@ -1,0 +1,8 @@
+"""optimum-lrpqvit: LRP-QViT post-training quantization of vision transformers."""
+
+from .config import LRPQConfig
+from .nn import calibration, quantizers_disabled
+from .quantize import quantize
+
+__all__ = ["LRPQConfig", "calibration", "quantize", "quantizers_disabled"]
+__version__ = "0.1.0"

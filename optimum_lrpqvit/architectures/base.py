@@ -1,0 +1,79 @@
+"""What an architecture adapter tells the quantizer: where the quantized points are and how to reach them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Layout", "Family", "quantized_attention"]
+
+
+@dataclass
+class Layout:
+    """Names (``model.named_modules()``) of the quantized points of one model.
+
+    Attributes:
+        post_ln: ``(LayerNorm, [Linears it feeds])`` pairs; those Linears get reparameterisable inputs.
+        linears: the other Linear layers (per-tensor input quantizer), classifier heads included.
+        patch_embed: the patch-embedding convolution.
+        attentions: the attention modules whose two matmuls are quantized.
+        block_of: for every point name, the index of the transformer block it belongs to (-1 for the patch
+            embedding, ``len(blocks)`` for heads).
+    """
+
+    post_ln: list[tuple[str, list[str]]]
+    linears: list[str]
+    patch_embed: str
+    attentions: list[str]
+    block_of: dict[str, int] = field(default_factory=dict)
+
+
+class Family:
+    """One adapter per architecture family. Subclasses fill in the hooks below."""
+
+    name: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def layout(self, model: nn.Module) -> Layout:
+        raise NotImplementedError
+
+    def install_attention(self, model: nn.Module, layout: Layout) -> None:
+        """Route the listed attention modules through ``quantized_attention`` (this model instance only)."""
+        raise NotImplementedError
+
+    def remove_attention(self, model: nn.Module, layout: Layout) -> None:
+        """Undo ``install_attention``."""
+        raise NotImplementedError
+
+    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
+        """(channels, height, width) the model expects; None where any size is accepted."""
+        raise NotImplementedError
+
+
+def quantized_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q(q)·Q(k)ᵀ·scaling + bias) = A, then Q_log√2(A)·Q(v); inputs are (batch, heads, tokens, dim).
+
+    ``module.matmul1`` / ``module.matmul2`` are the ``QuantMatMul`` points; without them this is plain attention.
+    Returns (output (batch, heads, tokens, dim), A).
+    """
+    matmul1 = getattr(module, "matmul1", torch.matmul)
+    matmul2 = getattr(module, "matmul2", torch.matmul)
+    scores = matmul1(query, key.transpose(-2, -1)) * scaling
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+    return matmul2(probs, value), probs

@@ -1,0 +1,121 @@
+"""Adapters for Hugging Face ViT, DeiT (with and without the distillation head) and Swin classifiers.
+
+The three share their block layout in transformers ≥ 5.9 (``layernorm_before`` → ``attention.{q,k,v}_proj``,
+``attention.o_proj``, ``layernorm_after`` → ``mlp.fc1``, ``mlp.fc2``; Swin adds ``downsample.norm`` →
+``downsample.reduction``). Attention is intercepted through transformers' ``AttentionInterface``: the
+function is registered under ``"lrpqvit"`` and selected per model instance with ``set_attn_implementation``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (
+    AttentionInterface,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    SwinForImageClassification,
+    ViTForImageClassification,
+)
+from transformers.models.deit.modeling_deit import DeiTLayer
+from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging
+from transformers.models.vit.modeling_vit import ViTLayer
+
+from .base import Family, Layout, quantized_attention
+
+__all__ = ["HF_VIT", "HF_SWIN", "ATTN_IMPLEMENTATION"]
+
+ATTN_IMPLEMENTATION = "lrpqvit"
+_PREVIOUS_ATTN = "_lrpqvit_previous_attn_implementation"
+
+
+def lrpqvit_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``AttentionInterface`` function: eager attention with the module's quantized matmuls."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    out, probs = quantized_attention(module, query, key, value, scaling, attention_mask)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, lrpqvit_attention)
+
+
+class _HFFamily(Family):
+    model_classes: tuple[type, ...] = ()
+    layer_classes: tuple[type, ...] = ()
+    heads: tuple[str, ...] = ("classifier", "cls_classifier", "distillation_classifier")
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_classes)
+
+    def layout(self, model: nn.Module) -> Layout:
+        post_ln, linears, attentions, block_of = [], [], [], {}
+        block = -1
+        patch_embed = f"{model.base_model_prefix}.embeddings.patch_embeddings.projection"
+        block_of[patch_embed] = -1
+        for name, module in model.named_modules():
+            if isinstance(module, self.layer_classes):
+                block += 1
+                qkv = [f"{name}.attention.{p}_proj" for p in "qkv"]
+                post_ln += [(f"{name}.layernorm_before", qkv), (f"{name}.layernorm_after", [f"{name}.mlp.fc1"])]
+                linears += [f"{name}.attention.o_proj", f"{name}.mlp.fc2"]
+                attentions.append(f"{name}.attention")
+                points = qkv + [f"{name}.mlp.fc1", f"{name}.attention.o_proj", f"{name}.mlp.fc2"]
+                points += [f"{name}.attention.{p}" for p in ("matmul1", "softmax", "matmul2")]
+                block_of.update(dict.fromkeys(points, block))
+            elif isinstance(module, SwinPatchMerging):
+                # merging belongs to the stage it closes
+                post_ln.append((f"{name}.norm", [f"{name}.reduction"]))
+                block_of[f"{name}.reduction"] = block
+        for head in self.heads:
+            if isinstance(getattr(model, head, None), nn.Linear):
+                linears.append(head)
+                block_of[head] = block + 1
+        return Layout(post_ln, linears, patch_embed, attentions, block_of)
+
+    def install_attention(self, model: nn.Module, layout: Layout) -> None:
+        if getattr(model, _PREVIOUS_ATTN, None) is None:
+            setattr(model, _PREVIOUS_ATTN, model.config._attn_implementation)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+    def remove_attention(self, model: nn.Module, layout: Layout) -> None:
+        previous = getattr(model, _PREVIOUS_ATTN, None)
+        if previous is not None:
+            model.set_attn_implementation(previous)
+            delattr(model, _PREVIOUS_ATTN)
+
+    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values=pixel_values).logits
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
+        size = model.config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return model.config.num_channels, height, width
+
+
+class _HFViT(_HFFamily):
+    name = "transformers ViT/DeiT"
+    model_classes = (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher)
+    layer_classes = (ViTLayer, DeiTLayer)
+
+
+class _HFSwin(_HFFamily):
+    name = "transformers Swin"
+    model_classes = (SwinForImageClassification,)
+    layer_classes = (SwinLayer,)
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
+        return model.config.num_channels, None, None  # Swin pads any size
+
+
+HF_VIT = _HFViT()
+HF_SWIN = _HFSwin()

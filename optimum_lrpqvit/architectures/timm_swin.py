@@ -1,0 +1,77 @@
+"""Adapter for timm ``SwinTransformer``.
+
+Stage ``layers.i`` opens (for i > 0) with a ``downsample`` patch merging (``norm`` → ``reduction``); each
+block has ``norm1`` → ``attn.qkv``, ``attn.proj``, ``norm2`` → ``mlp.fc1``, ``mlp.fc2``; the head is
+``head.fc``. Window attention is intercepted by replacing ``forward`` on each attention instance.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
+from torch import nn
+
+from .base import Family, Layout, quantized_attention
+from .timm_vit import install_instance_forward, remove_instance_forward
+
+__all__ = ["TIMM_SWIN"]
+
+
+def _window_attention_forward(self: WindowAttention, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    windows, tokens, _ = x.shape
+    qkv = self.qkv(x).reshape(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = self._get_rel_pos_bias()  # (1, heads, tokens, tokens)
+    if mask is not None:  # (num_windows, tokens, tokens), 0 / -inf, repeated over the batch
+        bias = bias + mask.repeat(windows // mask.shape[0], 1, 1).unsqueeze(1)
+    out, _ = quantized_attention(self, q, k, v, self.scale, bias)
+    out = out.transpose(1, 2).reshape(windows, tokens, -1)
+    return self.proj_drop(self.proj(out))
+
+
+class _TimmSwin(Family):
+    name = "timm SwinTransformer"
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, SwinTransformer)
+
+    def layout(self, model: nn.Module) -> Layout:
+        post_ln, linears, attentions, block_of = [], [], [], {"patch_embed.proj": -1}
+        block = -1
+        for s, stage in enumerate(model.layers):
+            if isinstance(stage.downsample, PatchMerging):
+                post_ln.append((f"layers.{s}.downsample.norm", [f"layers.{s}.downsample.reduction"]))
+                block_of[f"layers.{s}.downsample.reduction"] = block
+            for b, _ in enumerate(stage.blocks):
+                block += 1
+                p = f"layers.{s}.blocks.{b}"
+                post_ln += [(f"{p}.norm1", [f"{p}.attn.qkv"]), (f"{p}.norm2", [f"{p}.mlp.fc1"])]
+                linears += [f"{p}.attn.proj", f"{p}.mlp.fc2"]
+                attentions.append(f"{p}.attn")
+                points = [f"{p}.attn.qkv", f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.fc2"]
+                points += [f"{p}.attn.{m}" for m in ("matmul1", "softmax", "matmul2")]
+                block_of.update(dict.fromkeys(points, block))
+        if isinstance(getattr(model.head, "fc", None), nn.Linear):
+            linears.append("head.fc")
+            block_of["head.fc"] = block + 1
+        return Layout(post_ln, linears, "patch_embed.proj", attentions, block_of)
+
+    def install_attention(self, model: nn.Module, layout: Layout) -> None:
+        for name in layout.attentions:
+            install_instance_forward(model.get_submodule(name), _window_attention_forward)
+
+    def remove_attention(self, model: nn.Module, layout: Layout) -> None:
+        for name in layout.attentions:
+            remove_instance_forward(model.get_submodule(name))
+
+    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return model(pixel_values)
+
+    def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
+        pe = model.patch_embed
+        if getattr(pe, "strict_img_size", True) and not getattr(pe, "dynamic_img_pad", False):
+            return pe.proj.in_channels, *pe.img_size
+        return pe.proj.in_channels, None, None
+
+
+TIMM_SWIN = _TimmSwin()

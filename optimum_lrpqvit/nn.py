@@ -1,0 +1,241 @@
+"""Fake-quantized modules: activation quantizers, Linear, Conv2d and the attention matmuls (SPEC §2).
+
+Each quantizer holds its calibrated parameters as buffers. While ``calibrating`` is set it re-fits them on
+the tensor it sees and then applies them, so one forward pass calibrates every point in execution order
+with all upstream points already quantized (as RepQ-ViT does).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import (
+    DEFAULT_PERCENTILES,
+    fake_quant_log_sqrt2,
+    fake_quant_uniform,
+    search_log_sqrt2_delta,
+    search_uniform_params,
+    uniform_params,
+)
+
+__all__ = [
+    "UniformQuantizer",
+    "LogSqrt2Quantizer",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantMatMul",
+    "quantizers",
+    "calibration",
+    "quantizers_disabled",
+]
+
+
+class _Quantizer(nn.Module):
+    def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> None:
+        super().__init__()
+        self.bits = bits
+        self.percentiles = tuple(percentiles)
+        self.calibrating = False
+        self.enabled = True
+
+    @property
+    def calibrated(self) -> bool:
+        raise NotImplementedError
+
+    def fit(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.fit(x)
+        if not self.enabled or not self.calibrated:
+            return x
+        return self.quantize(x)
+
+
+class UniformQuantizer(_Quantizer):
+    """Uniform asymmetric fake quantizer, per tensor or per last-dim channel."""
+
+    def __init__(self, bits: int, channelwise: bool = False, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES):
+        super().__init__(bits, percentiles)
+        self.channelwise = channelwise
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale.numel() > 0
+
+    def fit(self, x: torch.Tensor) -> None:
+        scale, zero_point = search_uniform_params(x, self.bits, self.channelwise, self.percentiles)
+        self.set_params(scale, zero_point)
+
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.channelwise = scale.dim() > 0
+        self.scale = scale.detach().clone()
+        self.zero_point = zero_point.detach().clone()
+
+    def set_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Set the parameters that map [low, high] onto the 2^b codes."""
+        self.set_params(*uniform_params(low, high, self.bits))
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channelwise={self.channelwise}"
+
+
+class LogSqrt2Quantizer(_Quantizer):
+    """Log-√2 fake quantizer for post-softmax probabilities: x̂ = Δ · 2^(−q/2)."""
+
+    def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES):
+        super().__init__(bits, percentiles)
+        self.register_buffer("delta", torch.empty(0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.delta.numel() > 0
+
+    def fit(self, x: torch.Tensor) -> None:
+        self.delta = search_log_sqrt2_delta(x, self.bits, self.percentiles)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_log_sqrt2(x, self.delta, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, log_sqrt2=True"
+
+
+class _WeightQuantMixin:
+    """Per-output-channel weight quantization; ``fold_weight`` replaces the float weight by x̂ for good."""
+
+    weight: nn.Parameter
+    weight_quantizer: UniformQuantizer
+    weight_folded: bool
+
+    def _weight_columns(self) -> torch.Tensor:
+        # (fan_in, out_channels): one quantizer channel per output channel
+        return self.weight.detach().reshape(self.weight.shape[0], -1).t()
+
+    def calibrate_weight(self) -> None:
+        self.weight_quantizer.fit(self._weight_columns())
+        self.weight_folded = False
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_folded or not self.weight_quantizer.enabled:
+            return self.weight
+        if self.weight_quantizer.calibrating or not self.weight_quantizer.calibrated:
+            self.calibrate_weight()
+        wq = self.weight_quantizer.quantize(self._weight_columns())
+        return wq.t().reshape(self.weight.shape)
+
+    def fold_weight(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.quantized_weight())
+        self.weight_folded = True
+
+
+class QuantLinear(_WeightQuantMixin, nn.Linear):
+    """``nn.Linear`` with a per-output-channel weight quantizer and an input quantizer."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_bits: int, a_bits: int,
+                 act_channelwise: bool = False, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_quantizer = UniformQuantizer(w_bits, channelwise=True, percentiles=percentiles)
+        self.input_quantizer = UniformQuantizer(a_bits, channelwise=act_channelwise, percentiles=percentiles)
+        self.weight_folded = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, w_bits: int, a_bits: int, act_channelwise: bool = False,
+                    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES, add_bias: bool = False) -> "QuantLinear":
+        """Wrap ``linear``'s parameters (shared, not copied). ``add_bias`` gives a bias-free layer a zero bias."""
+        has_bias = linear.bias is not None or add_bias
+        q = cls(linear.in_features, linear.out_features, has_bias, w_bits, a_bits, act_channelwise, percentiles,
+                device="meta")
+        q.weight = linear.weight
+        if linear.bias is not None:
+            q.bias = linear.bias
+        elif add_bias:
+            q.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
+                                              dtype=linear.weight.dtype))
+        return q.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
+    """``nn.Conv2d`` (the patch embedding) with per-output-channel weights and a per-tensor input quantizer."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, w_bits: int, a_bits: int,
+                  percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        q.weight = conv.weight
+        q.bias = conv.bias
+        q.weight_quantizer = UniformQuantizer(w_bits, channelwise=True, percentiles=percentiles)
+        q.input_quantizer = UniformQuantizer(a_bits, percentiles=percentiles)
+        q.weight_folded = False
+        return q.to(conv.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantMatMul(nn.Module):
+    """a @ b with each operand fake-quantized: ``quantizer_a`` (uniform, or log-√2 for probabilities) and
+    ``quantizer_b`` (uniform)."""
+
+    def __init__(self, quantizer_a: _Quantizer, quantizer_b: _Quantizer) -> None:
+        super().__init__()
+        self.quantizer_a = quantizer_a
+        self.quantizer_b = quantizer_b
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.quantizer_a(a), self.quantizer_b(b))
+
+
+def quantizers(model: nn.Module) -> list[_Quantizer]:
+    """Every quantizer module in ``model``."""
+    return [m for m in model.modules() if isinstance(m, _Quantizer)]
+
+
+class calibration:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within the context every quantizer of ``model`` re-fits its parameters on the data it sees."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        for q in quantizers(self.model):
+            q.calibrating = True
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for q in quantizers(self.model):
+            q.calibrating = False
+
+
+class quantizers_disabled:  # noqa: N801
+    """Within the context every quantizer of ``model`` is the identity (weights not yet folded stay float)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self._saved = [(q, q.enabled) for q in quantizers(self.model)]
+        for q, _ in self._saved:
+            q.enabled = False
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        for q, enabled in self._saved:
+            q.enabled = enabled

@@ -1,0 +1,156 @@
+"""``quantize(model, config, data)``: calibrate → reparameterise post-LayerNorm activations → fold weights.
+
+Follows RepQ-ViT's pipeline (Li et al., ICCV 2023): one calibration pass with channel-wise post-LayerNorm
+quantizers, reparameterisation to layer-wise (optionally clipped, CRL — LRP-QViT, arXiv 2401.11243), and
+re-calibration of the weights that changed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .architectures import Family, Layout, find_family
+from .config import LRPQConfig
+from .inputs import as_pixel_values
+from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, calibration
+from .reparam import clip_channel_params, reparam_factors, reparameterize
+
+__all__ = ["PATCH_EMBED_A_BITS", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "prepare_model",
+           "quantize"]
+
+PATCH_EMBED_A_BITS = 8
+BitPlan = dict[str, dict[str, int | None]]
+
+
+def fixed_bit_plan(layout: Layout, w_bits: int, a_bits: int) -> BitPlan:
+    """Every point at (w_bits, a_bits); the patch embedding's input at 8 bits."""
+    plan: BitPlan = {layout.patch_embed: {"w_bits": w_bits, "a_bits": PATCH_EMBED_A_BITS}}
+    for _, names in layout.post_ln:
+        plan.update({n: {"w_bits": w_bits, "a_bits": a_bits} for n in names})
+    plan.update({n: {"w_bits": w_bits, "a_bits": a_bits} for n in layout.linears})
+    for attn in layout.attentions:
+        plan.update({f"{attn}.{p}": {"w_bits": None, "a_bits": a_bits} for p in ("matmul1", "softmax", "matmul2")})
+    return plan
+
+
+def bit_plan_summary(model: nn.Module, plan: BitPlan) -> dict[str, float]:
+    """Parameter-weighted average weight bits, mean activation bits, and model size in MB (10^6 bytes):
+    quantized weights at their bits, every other parameter at 32 bits (scales and zero points not counted)."""
+    weight_bits = weight_params = 0
+    quantized = set()
+    for name, bits in plan.items():
+        if bits["w_bits"] is not None:
+            weight = model.get_submodule(name).weight
+            quantized.add(id(weight))
+            weight_params += weight.numel()
+            weight_bits += weight.numel() * bits["w_bits"]
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
+    a_bits = [bits["a_bits"] for bits in plan.values()]
+    return {
+        "avg_w_bits": round(weight_bits / weight_params, 4),
+        "avg_a_bits": round(sum(a_bits) / len(a_bits), 4),
+        "size_mb": round((weight_bits + 32 * other) / 8 / 1e6, 4),
+    }
+
+
+def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPlan, config: LRPQConfig) -> None:
+    """Swap in quantized modules at every point of ``layout`` with the bits of ``plan`` (uncalibrated)."""
+    pct = tuple(config.percentiles)
+    channelwise = config.post_ln != "layerwise"
+    reparam = config.post_ln in ("repq", "crl")
+    post_ln_linears = {n for _, names in layout.post_ln for n in names}
+    for name in [*post_ln_linears, *layout.linears]:
+        linear = model.get_submodule(name)
+        bits = plan[name]
+        is_post_ln = name in post_ln_linears
+        model.set_submodule(name, QuantLinear.from_linear(
+            linear, bits["w_bits"], bits["a_bits"], act_channelwise=is_post_ln and channelwise, percentiles=pct,
+            add_bias=is_post_ln and reparam))
+    conv = model.get_submodule(layout.patch_embed)
+    bits = plan[layout.patch_embed]
+    model.set_submodule(layout.patch_embed, QuantConv2d.from_conv(conv, bits["w_bits"], bits["a_bits"], pct))
+    for attn in layout.attentions:
+        module = model.get_submodule(attn)
+        module.matmul1 = QuantMatMul(UniformQuantizer(plan[f"{attn}.matmul1"]["a_bits"], percentiles=pct),
+                                     UniformQuantizer(plan[f"{attn}.matmul1"]["a_bits"], percentiles=pct))
+        module.matmul2 = QuantMatMul(LogSqrt2Quantizer(plan[f"{attn}.softmax"]["a_bits"], percentiles=pct),
+                                     UniformQuantizer(plan[f"{attn}.matmul2"]["a_bits"], percentiles=pct))
+    family.install_attention(model, layout)
+
+
+@torch.no_grad()
+def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig) -> None:
+    for norm_name, names in layout.post_ln:
+        linears: list[QuantLinear] = [model.get_submodule(n) for n in names]
+        ref = linears[0].input_quantizer
+        scale, zero_point = ref.scale, ref.zero_point
+        if config.post_ln == "crl":
+            scale, zero_point = clip_channel_params(scale, zero_point, config.crl_k)
+        r, b, target_scale, target_zero = reparam_factors(scale, zero_point)
+        reparameterize(model.get_submodule(norm_name), linears, r, b)
+        low = -target_zero * target_scale
+        high = low + target_scale * (2**ref.bits - 1)
+        for linear in linears:
+            if linear.input_quantizer.bits == ref.bits:
+                linear.input_quantizer.set_params(target_scale, target_zero)
+            else:  # same range, other bits (mixed precision inside one group)
+                linear.input_quantizer.set_range(low, high)
+            linear.calibrate_weight()
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules())
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> None:
+    """Calibrate every quantizer of a prepared model in one pass, then reparameterise its post-LayerNorm
+    activations (``repq``/``crl``) and re-calibrate the weights that changed. Weights stay float."""
+    with calibration(model):
+        family.logits(model, pixels)
+    if config.post_ln in ("repq", "crl"):
+        _reparameterize_post_ln(model, layout, config)
+
+
+def fold_weights(model: nn.Module) -> None:
+    """Replace every float weight by its quantized value (x̂ = s · (q − z))."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            module.fold_weight()
+
+
+def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object) -> nn.Module:
+    """Quantize ``model`` in place with ``config``, calibrating on ``calibration_data``; returns the model.
+
+    ``calibration_data``: a float tensor (N, C, H, W) of preprocessed pixel values, or an iterable of such
+    tensors or of dicts holding ``pixel_values``. The model keeps its call signature; the applied config
+    (with ``bit_plan`` and ``bit_plan_summary``) is ``model.config.quantization_config`` for transformers
+    models and ``model.quantization_config`` otherwise.
+    """
+    if not isinstance(config, LRPQConfig):
+        raise TypeError(f"config must be an LRPQConfig, got {type(config).__name__}.")
+    family = find_family(model)
+    if _is_quantized(model):
+        raise ValueError("This model is already quantized; load the float model again to re-quantize it.")
+    if config.mixed_precision:
+        raise NotImplementedError("mixed_precision=True needs LRP importance scoring, which is not available in "
+                                  "this version; use mixed_precision=False.")
+    pixels = as_pixel_values(calibration_data, *family.input_shape(model))
+    param = next(model.parameters())
+    pixels = pixels.to(device=param.device, dtype=param.dtype)
+
+    model.eval()
+    layout = family.layout(model)
+    plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
+    prepare_model(model, family, layout, plan, config)
+    calibrate(model, family, layout, config, pixels)
+    fold_weights(model)
+
+    config.bit_plan = plan
+    config.bit_plan_summary = bit_plan_summary(model, plan)
+    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+        model.config.quantization_config = config
+    else:
+        model.quantization_config = config
+    return model

@@ -1,0 +1,172 @@
+"""Quantizer math for LRP-QViT (SPEC §1).
+
+Uniform asymmetric quantization and log-√2 quantization as used by RepQ-ViT (Li et al., ICCV 2023,
+arXiv 2212.08254) and LRP-QViT (Ranjan & Savakis, arXiv 2401.11243). Everything here is a pure function
+of tensors; ranges are chosen by a percentile/MSE search that is vectorised over channels.
+
+Conventions: per-channel statistics are taken over dim 0 of a 2-D ``(samples, channels)`` view;
+a per-tensor search is the one-channel case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "DEFAULT_PERCENTILES",
+    "check_bits",
+    "sorted_quantiles",
+    "uniform_params",
+    "search_uniform_params",
+    "fake_quant_uniform",
+    "quantize_uniform",
+    "dequantize_uniform",
+    "search_log_sqrt2_delta",
+    "quantize_log_sqrt2",
+    "dequantize_log_sqrt2",
+    "dequantize_log_sqrt2_shift",
+    "fake_quant_log_sqrt2",
+]
+
+DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+_TINY = 1e-8
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return ``bits`` if it is an int in [2, 8], else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"{what} must be an integer between 2 and 8, got {bits!r}.")
+    return bits
+
+
+def sorted_quantiles(x_sorted: torch.Tensor, ps: Sequence[float]) -> torch.Tensor:
+    """Quantiles of each column of an ascending-sorted ``(n, c)`` tensor, shape ``(len(ps), c)``.
+
+    Linear interpolation between order statistics, as ``torch.quantile`` does (but with no size limit).
+    """
+    n = x_sorted.shape[0]
+    pos = torch.tensor(list(ps), dtype=torch.float64) * (n - 1)
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    frac = (pos - lo).to(x_sorted.dtype).unsqueeze(1)
+    return x_sorted[lo] + frac * (x_sorted[hi] - x_sorted[lo])
+
+
+def uniform_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for the range [low, high]: s = (u − l)/(2^b − 1), z = round(−l/s).
+
+    A degenerate range (u ≈ l, e.g. a constant channel) is widened to include 0, and an all-zero one
+    to [0, 1], so the scale is always finite and positive.
+    """
+    degenerate = (high - low) <= _TINY * torch.maximum(low.abs(), high.abs()).clamp_min(1.0)
+    low = torch.where(degenerate, low.clamp_max(0.0), low)
+    high = torch.where(degenerate, high.clamp_min(0.0), high)
+    high = torch.where(high - low <= _TINY, low + 1.0, high)
+    scale = (high - low) / (2**bits - 1)
+    zero_point = torch.round(-low / scale)
+    return scale, zero_point
+
+
+def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = s · (clamp(round(x/s) + z, 0, 2^b − 1) − z), computed as s · clamp(round(x/s), −z, 2^b − 1 − z)."""
+    q = torch.div(x, scale).round_()
+    return q.clamp_(-zero_point, (2**bits - 1) - zero_point).mul_(scale)
+
+
+def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes q = clamp(round(x/s) + z, 0, 2^b − 1) as uint8."""
+    return (torch.round(x / scale) + zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize_uniform(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """x̂ = s · (q − z)."""
+    return (q.to(scale.dtype) - zero_point) * scale
+
+
+def _as_columns(x: torch.Tensor, channelwise: bool) -> torch.Tensor:
+    x = x.detach().float()
+    return x.reshape(-1, x.shape[-1]) if channelwise else x.reshape(-1, 1)
+
+
+def search_uniform_params(
+    x: torch.Tensor,
+    bits: int,
+    channelwise: bool = False,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile/MSE range search (SPEC §1).
+
+    For each p, the range is [quantile(1 − p), quantile(p)]; the range with the lowest MSE(x, x̂) is kept,
+    independently per channel. ``channelwise`` takes one range per last-dim channel, statistics over all
+    other dims. Returns (scale, zero_point) of shape ``(C,)`` or ``()``.
+    """
+    cols = _as_columns(x, channelwise)
+    if cols.numel() == 0:
+        raise ValueError("Cannot calibrate a quantizer on an empty tensor.")
+    xs = cols.sort(dim=0).values
+    lows = sorted_quantiles(xs, [1.0 - p for p in percentiles])
+    highs = sorted_quantiles(xs, list(percentiles))
+    best_err = best_scale = best_zero = None
+    for low, high in zip(lows, highs):
+        scale, zero = uniform_params(low, high, bits)
+        err = (fake_quant_uniform(cols, scale, zero, bits) - cols).pow_(2).mean(dim=0)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    if not channelwise:
+        return best_scale.reshape(()), best_zero.reshape(())
+    return best_scale, best_zero
+
+
+def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log-√2 codes q = round(−2·log2(x/Δ)), clamped below at 0; code 2^b means "zero" (x = 0 or too small)."""
+    q = torch.round(-2.0 * torch.log2(x / delta)).clamp_(min=0)
+    return torch.where(q >= 2**bits, torch.full_like(q, 2**bits), q).to(torch.int16)
+
+
+def dequantize_log_sqrt2(q: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = Δ · 2^(−q/2), and 0 for the code 2^b."""
+    qf = q.to(delta.dtype)
+    return torch.where(q >= 2**bits, torch.zeros_like(qf), delta * torch.exp2(-qf / 2))
+
+
+def dequantize_log_sqrt2_shift(q: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inference form: Δ · 2^(−⌈q/2⌉) · (√2 if q is odd else 1) — a right shift and one constant multiply.
+
+    Bit-identical to ``dequantize_log_sqrt2`` wherever the value is a normal float32; the subnormal values
+    of 8-bit codes above 252 (< 1.2e-38) may differ in their last bit.
+    """
+    q = q.to(torch.int64)
+    shifted = torch.ldexp(torch.ones_like(q, dtype=delta.dtype), -((q + 1) // 2))
+    odd = torch.where(q % 2 == 1, torch.tensor(2.0**0.5, dtype=delta.dtype), torch.tensor(1.0, dtype=delta.dtype))
+    return torch.where(q >= 2**bits, torch.zeros_like(shifted), delta * shifted * odd)
+
+
+def fake_quant_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = Δ · 2^(−q/2) with q = clamp(round(−2·log2(x/Δ)), 0, 2^b − 1); codes ≥ 2^b (and x = 0) give 0."""
+    q = torch.div(x, delta).log2_().mul_(-2.0).round_().clamp_(min=0)
+    zero = q >= 2**bits
+    return q.mul_(-0.5).exp2_().mul_(delta).masked_fill_(zero, 0.0)
+
+
+def search_log_sqrt2_delta(
+    x: torch.Tensor, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES
+) -> torch.Tensor:
+    """Δ = quantile(x, p) for the p with the lowest MSE(x, x̂) (per tensor)."""
+    cols = _as_columns(x, channelwise=False)
+    if cols.numel() == 0:
+        raise ValueError("Cannot calibrate a quantizer on an empty tensor.")
+    xs = cols.sort(dim=0).values
+    best_err = best_delta = None
+    for delta in sorted_quantiles(xs, list(percentiles)).reshape(-1):
+        delta = delta.clamp_min(_TINY)
+        err = (fake_quant_log_sqrt2(cols, delta, bits) - cols).pow_(2).mean()
+        if best_err is None or err < best_err:
+            best_err, best_delta = err, delta
+    return best_delta.reshape(())

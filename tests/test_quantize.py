@@ -1,0 +1,191 @@
+import copy
+import json
+
+import pytest
+import timm
+import torch
+from torch import nn
+from transformers import ResNetConfig, ResNetForImageClassification
+
+import models
+from optimum_lrpqvit import LRPQConfig, quantize
+from optimum_lrpqvit.architectures import find_family
+from optimum_lrpqvit.nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul
+
+
+def _agreement_and_error(model, quantized, x):
+    ref, out = models.logits(model, x), models.logits(quantized, x)
+    agree = (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+    return agree, ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def eval_images():
+    return models.images(64, seed=1)
+
+
+@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+def test_w8a8_stays_close_to_full_precision(family, eval_images):
+    model = models.FAMILIES[family]()
+    quantized = quantize(copy.deepcopy(model), LRPQConfig(w_bits=8, a_bits=8, post_ln="repq"), models.images(32, 2))
+    agree, err = _agreement_and_error(model, quantized, eval_images)
+    assert agree >= 0.8 and err < 0.2, (agree, err)
+    # log-√2 has a fixed relative step of √2 whatever the bits; without it 8 bits are closer still
+    # (these random tiny models amplify perturbations far more than trained ones)
+    for m in quantized.modules():
+        if isinstance(m, LogSqrt2Quantizer):
+            m.enabled = False
+    agree, err8 = _agreement_and_error(model, quantized, eval_images)
+    assert agree >= 0.85 and err8 < 0.1, (agree, err8)
+    w4a4 = quantize(copy.deepcopy(model), LRPQConfig(w_bits=4, a_bits=4, post_ln="repq"), models.images(32, 2))
+    assert _agreement_and_error(model, w4a4, eval_images)[1] > 3 * err8
+
+
+@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+def test_quantize_covers_every_point_and_records_the_plan(family):
+    model = models.FAMILIES[family]()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+    out = quantize(model, LRPQConfig(w_bits=4, a_bits=5), models.images(8))
+    assert out is model
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linear
+    assert sum(isinstance(m, QuantConv2d) for m in model.modules()) == 1
+    config = model.config.quantization_config if hasattr(model, "config") else model.quantization_config
+    assert isinstance(config, LRPQConfig)
+    plan = config.bit_plan
+    layout = find_family(model).layout(model)
+    assert len(plan) == n_linear + 1 + 3 * len(layout.attentions)
+    assert plan[layout.patch_embed] == {"w_bits": 4, "a_bits": 8}
+    assert all(b["a_bits"] == 5 for name, b in plan.items() if name != layout.patch_embed)
+    assert config.bit_plan_summary["avg_w_bits"] == 4.0
+    for name in plan:  # every point of the plan is a real module with quantizers
+        if name.endswith(".softmax"):
+            assert isinstance(model.get_submodule(name[: -len("softmax")] + "matmul2").quantizer_a, LogSqrt2Quantizer)
+        else:
+            assert isinstance(model.get_submodule(name), (QuantLinear, QuantConv2d, QuantMatMul))
+    json.dumps(config.to_dict())
+
+
+def test_hf_call_signature_and_outputs_are_kept():
+    model = quantize(models.hf_deit_teacher(), LRPQConfig(), models.images(8))
+    out = model(pixel_values=models.images(4))
+    assert out.logits.shape == (4, models.NUM_LABELS)
+    torch.testing.assert_close(out.logits, (out.cls_logits + out.distillation_logits) / 2)
+    assert model.config.to_dict()["quantization_config"]["quant_method"] == "lrpqvit"
+
+
+def test_weights_are_folded_to_their_quantized_values():
+    model = quantize(models.timm_vit(), LRPQConfig(w_bits=3), models.images(8))
+    qkv = model.blocks[0].attn.qkv
+    codes = torch.round(qkv.weight.t() / qkv.weight_quantizer.scale) + qkv.weight_quantizer.zero_point
+    assert codes.min() >= 0 and codes.max() <= 7
+    assert torch.unique(qkv.weight[0]).numel() <= 8
+
+
+@pytest.mark.parametrize("make", [models.hf_vit, models.hf_swin])
+def test_hf_attention_interception_is_per_instance_and_undoable(make):
+    quantized, untouched = make(seed=0), make(seed=0)
+    x = models.images(4)
+    expected = models.logits(untouched, x)
+    quantize(quantized, LRPQConfig(), models.images(8))
+    assert quantized.config._attn_implementation == "lrpqvit"
+    assert untouched.config._attn_implementation != "lrpqvit"
+    assert torch.equal(models.logits(untouched, x), expected)
+    fresh = make(seed=0)
+    assert torch.equal(models.logits(fresh, x), expected)
+    family = find_family(quantized)
+    layout = family.layout(quantized)
+    previous = models.logits(quantized, x)
+    family.remove_attention(quantized, layout)
+    assert quantized.config._attn_implementation != "lrpqvit"
+    assert not torch.allclose(models.logits(quantized, x), previous)  # matmuls no longer quantized
+
+
+@pytest.mark.parametrize("make", [models.timm_vit, models.timm_swin])
+def test_timm_attention_interception_is_per_instance_and_undoable(make):
+    quantized, untouched = make(seed=0), make(seed=0)
+    x = models.images(4)
+    expected = models.logits(untouched, x)
+    attn_cls = type(quantized.get_submodule(find_family(quantized).layout(quantized).attentions[0]))
+    class_forward = attn_cls.forward
+    quantize(quantized, LRPQConfig(), models.images(8))
+    assert attn_cls.forward is class_forward
+    assert torch.equal(models.logits(untouched, x), expected)
+    family = find_family(quantized)
+    layout = family.layout(quantized)
+    assert all("forward" in quantized.get_submodule(a).__dict__ for a in layout.attentions)
+    family.remove_attention(quantized, layout)
+    assert all("forward" not in quantized.get_submodule(a).__dict__ for a in layout.attentions)
+
+
+def test_unsupported_model_names_the_supported_families():
+    resnet = ResNetForImageClassification(ResNetConfig(num_labels=3))
+    with pytest.raises(TypeError, match="Unsupported model ResNetForImageClassification.*Swin"):
+        quantize(resnet, LRPQConfig(), torch.randn(2, 3, 32, 32))
+    with pytest.raises(TypeError, match="Unsupported"):
+        quantize(timm.create_model("resnet10t", num_classes=3), LRPQConfig(), torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"w_bits": 1}, "w_bits must be an integer between 2 and 8"),
+    ({"a_bits": 9}, "a_bits must be an integer between 2 and 8"),
+    ({"w_bits": 4.5}, "w_bits"),
+    ({"post_ln": "rms"}, "post_ln must be one of"),
+    ({"crl_k": 0}, "crl_k"),
+    ({"crl_k": float("inf")}, "crl_k"),
+    ({"percentiles": [0.2]}, "percentiles"),
+    ({"format_version": 99}, "format_version"),
+])
+def test_bad_config_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LRPQConfig(**kwargs)
+
+
+@pytest.mark.parametrize("data, match", [
+    (torch.empty(0, 3, 16, 16), "empty"),
+    ([], "empty"),
+    (torch.randn(3, 16, 16, 2, 1), r"\(N, C, H, W\)"),
+    (torch.randn(2, 1, 16, 16), "3 input channels.*1"),
+    (torch.randn(2, 3, 20, 20), "16x16"),
+    (torch.full((2, 3, 16, 16), float("nan")), "NaN"),
+    (torch.full((2, 3, 16, 16), float("inf")), "inf"),
+    ([{"image": torch.randn(1, 3, 16, 16)}], "pixel_values"),
+    (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "float"),
+])
+def test_bad_calibration_data_is_rejected(data, match):
+    with pytest.raises(ValueError, match=match):
+        quantize(models.hf_vit(), LRPQConfig(), data)
+
+
+def test_calibration_data_forms_are_equivalent():
+    x = models.images(8, seed=3)
+    outs = []
+    for data in (x, [x[:4], x[4:]], [{"pixel_values": x[:4]}, {"pixel_values": x[4:]}], list(x)):
+        model = quantize(models.timm_vit(), LRPQConfig(), data)
+        outs.append(models.logits(model, models.images(4)))
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+
+
+def test_constant_images_calibrate_to_finite_scales():
+    model = quantize(models.hf_swin(), LRPQConfig(post_ln="crl"), torch.zeros(4, 3, 16, 16))
+    for name, buf in model.named_buffers():
+        if name.endswith(("scale", "zero_point", "delta")):
+            assert torch.isfinite(buf).all(), name
+    assert torch.isfinite(models.logits(model, models.images(2))).all()
+
+
+def test_quantizing_twice_and_mixed_precision_are_refused():
+    model = quantize(models.hf_vit(), LRPQConfig(), models.images(4))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(model, LRPQConfig(), models.images(4))
+    with pytest.raises(NotImplementedError, match="mixed_precision"):
+        quantize(models.hf_vit(), LRPQConfig(mixed_precision=True), models.images(4))
+    with pytest.raises(TypeError, match="LRPQConfig"):
+        quantize(models.hf_vit(), {"w_bits": 4}, models.images(4))
+
+
+def test_config_round_trips_through_json_and_keeps_unknown_keys():
+    config = LRPQConfig(w_bits=6, a_bits=5, post_ln="repq", future_option={"a": 1})
+    restored = LRPQConfig.from_dict(json.loads(config.to_json_string()))
+    assert restored.to_dict() == config.to_dict()
+    assert restored.future_option == {"a": 1} and restored.quant_method == "lrpqvit"

@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optimum_lrpqvit.quantizers import (
+    check_bits,
+    dequantize_log_sqrt2,
+    dequantize_log_sqrt2_shift,
+    dequantize_uniform,
+    fake_quant_log_sqrt2,
+    fake_quant_uniform,
+    quantize_log_sqrt2,
+    quantize_uniform,
+    search_log_sqrt2_delta,
+    search_uniform_params,
+    sorted_quantiles,
+    uniform_params,
+)
+
+bits_st = st.integers(2, 8)
+floats = st.floats(-100, 100, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=bits_st, low=st.floats(-50, 0, width=32), width=st.floats(0.0625, 100, width=32),
+       xs=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=50))
+def test_uniform_round_trip_error_at_most_half_step_inside_range(bits, low, width, xs):
+    scale, zero = uniform_params(torch.tensor(low), torch.tensor(low + width), bits)
+    lo, hi = (-zero * scale).item(), ((2**bits - 1 - zero) * scale).item()
+    x = torch.tensor(xs) * (hi - lo) + lo
+    err = (fake_quant_uniform(x, scale, zero, bits) - x).abs()
+    assert (err <= scale / 2 * (1 + 1e-4) + 1e-6).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=bits_st, xs=st.lists(floats, min_size=2, max_size=64))
+def test_uniform_fake_quant_is_idempotent_and_monotone(bits, xs):
+    x = torch.tensor(xs)
+    scale, zero = search_uniform_params(x, bits)
+    y = fake_quant_uniform(x, scale, zero, bits)
+    assert torch.equal(fake_quant_uniform(y, scale, zero, bits), y)
+    order = x.argsort()
+    assert (y[order].diff() >= 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=bits_st, xs=st.lists(floats, min_size=1, max_size=64))
+def test_codes_and_dequantize_match_fake_quant(bits, xs):
+    x = torch.tensor(xs)
+    scale, zero = search_uniform_params(x, bits)
+    q = quantize_uniform(x, scale, zero, bits)
+    assert int(q.max()) <= 2**bits - 1
+    torch.testing.assert_close(dequantize_uniform(q, scale, zero), fake_quant_uniform(x, scale, zero, bits))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_log_sqrt2_shift_form_equals_power_form_for_every_code(bits):
+    delta = torch.tensor(0.73)
+    q = torch.arange(0, 2**bits + 1)
+    power, shift = dequantize_log_sqrt2(q, delta, bits), dequantize_log_sqrt2_shift(q, delta, bits)
+    normal = (power == 0) | (power >= torch.finfo(torch.float32).tiny)  # 8-bit codes > 252 are subnormal
+    assert normal.sum() >= min(2**bits + 1, 253)
+    assert torch.equal(power[normal], shift[normal])
+    torch.testing.assert_close(power, shift, rtol=0, atol=1e-44)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=bits_st, xs=st.lists(st.floats(0, 1, width=32), min_size=1, max_size=64))
+def test_log_sqrt2_fake_quant_equals_codes_then_shift_form(bits, xs):
+    x = torch.tensor(xs)
+    delta = search_log_sqrt2_delta(x.clamp_min(1e-6), bits)
+    expected = dequantize_log_sqrt2_shift(quantize_log_sqrt2(x, delta, bits), delta, bits)
+    assert torch.equal(fake_quant_log_sqrt2(x, delta, bits), expected)
+
+
+def test_log_sqrt2_zero_and_underflow_dequantize_to_zero():
+    delta = torch.tensor(1.0)
+    x = torch.tensor([0.0, 2.0 ** -20, 1.0, 0.5, 2.0])
+    y = fake_quant_log_sqrt2(x, delta, 4)  # codes 0..15 cover [2^-7.5, 1]
+    assert y.tolist() == [0.0, 0.0, 1.0, 0.5, 1.0]
+
+
+def test_sorted_quantiles_match_torch_quantile():
+    x = torch.randn(1001, 7, generator=torch.Generator().manual_seed(0))
+    ps = [0.001, 0.5, 0.999, 0.99999]
+    expected = torch.quantile(x, torch.tensor(ps), dim=0)
+    torch.testing.assert_close(sorted_quantiles(x.sort(dim=0).values, ps), expected)
+
+
+def _reference_search(column: torch.Tensor, bits: int, percentiles) -> tuple[float, float]:
+    """Obviously-correct per-channel search with torch.quantile, one channel at a time."""
+    best = None
+    for p in percentiles:
+        low, high = torch.quantile(column, 1 - p), torch.quantile(column, p)
+        scale = (high - low) / (2**bits - 1)
+        zero = torch.round(-low / scale)
+        xq = (torch.clamp(torch.round(column / scale) + zero, 0, 2**bits - 1) - zero) * scale
+        err = ((xq - column) ** 2).mean()
+        if best is None or err < best[0]:
+            best = (err, scale.item(), zero.item())
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_vectorised_channel_search_equals_per_channel_loop(bits):
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(500, 12, generator=g) * torch.linspace(0.1, 20, 12) + torch.linspace(-3, 3, 12)
+    pct = (0.9, 0.99, 0.999)
+    scale, zero = search_uniform_params(x, bits, channelwise=True, percentiles=pct)
+    for c in range(x.shape[1]):
+        s, z = _reference_search(x[:, c], bits, pct)
+        assert math.isclose(scale[c].item(), s, rel_tol=1e-5) and zero[c].item() == z
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_constant_and_zero_channels_get_finite_scales(bits):
+    x = torch.randn(100, 4)
+    x[:, 1] = 0.0
+    x[:, 2] = 3.5
+    x[:, 3] = -2.0
+    scale, zero = search_uniform_params(x, bits, channelwise=True)
+    assert torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zero).all()
+    y = fake_quant_uniform(x, scale, zero, bits)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[:, 1:], x[:, 1:])
+
+
+def test_per_tensor_search_on_all_zero_tensor_is_finite():
+    scale, zero = search_uniform_params(torch.zeros(10, 3), 4)
+    assert torch.isfinite(scale) and scale > 0 and zero == 0
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, 4.0, True, "4", None])
+def test_bits_outside_2_to_8_are_rejected(bad):
+    with pytest.raises(ValueError, match="between 2 and 8"):
+        check_bits(bad)
+
+
+def test_empty_tensor_cannot_be_calibrated():
+    with pytest.raises(ValueError, match="empty"):
+        search_uniform_params(torch.empty(0, 3), 4)
