@@ -16,12 +16,14 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     import datasets
+    import torch
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_ROOT",
@@ -30,6 +32,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "load_fashion_mnist",
     "load_fashion_mnist_arrays",
+    "preprocess",
     "read_idx",
 ]
 
@@ -227,3 +230,30 @@ def load_fashion_mnist(
             if not bars_were_disabled:
                 enable_progress_bars()
     return dataset
+
+
+def preprocess(
+    dataset: datasets.Dataset,
+    processor: object,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 1000,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pixel values ``(N, C, H, W)`` of ``dataset`` (rows ``indices``, default all) through the model's image
+    processor, and the labels (None without ``label_column``). Images are converted to RGB first when the
+    processor asks for it (``do_convert_rgb``), so grayscale datasets feed RGB models."""
+    import torch
+    from tqdm.auto import tqdm
+
+    rows = dataset if indices is None else dataset.select(list(indices))
+    convert_rgb = getattr(processor, "do_convert_rgb", False) or type(processor).__name__.startswith("TimmWrapper")
+    pixels, labels = [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="preprocessing", disable=not progress, leave=False):
+        batch = rows[start:start + batch_size]
+        images = [im.convert("RGB") if convert_rgb else im for im in batch[image_column]]
+        pixels.append(processor(images, return_tensors="pt")["pixel_values"])
+        if label_column is not None:
+            labels.append(torch.as_tensor(batch[label_column]))
+    return torch.cat(pixels), (torch.cat(labels) if label_column is not None else None)

@@ -71,8 +71,14 @@ def uniform_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[to
 
 def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """x̂ = s · (clamp(round(x/s) + z, 0, 2^b − 1) − z), computed as s · clamp(round(x/s), −z, 2^b − 1 − z)."""
+    if zero_point.dim() == 0:
+        # Per tensor, with Python scalars (tensor bounds are several times slower). Clamping x to
+        # [−z·s, (2^b − 1 − z)·s] before rounding gives the same codes, since the bounds are integers.
+        s, z = float(scale), float(zero_point)
+        return torch.clamp(x, -z * s, (2**bits - 1 - z) * s).div_(s).round_().mul_(s)
     q = torch.div(x, scale).round_()
-    return q.clamp_(-zero_point, (2**bits - 1) - zero_point).mul_(scale)
+    q = torch.maximum(q, -zero_point, out=q)
+    return torch.minimum(q, (2**bits - 1) - zero_point, out=q).mul_(scale)
 
 
 def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
