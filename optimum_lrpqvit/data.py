@@ -136,7 +136,9 @@ def load_fashion_mnist_arrays(
         raise ValueError(f"{labels_path}: expected {count} labels, got shape {labels.shape}")
     if labels.max(initial=0) >= len(FASHION_MNIST_LABELS):
         raise ValueError(f"{labels_path}: label {int(labels.max())} out of range 0..{len(FASHION_MNIST_LABELS) - 1}")
-    return images, labels.astype(np.int64)
+    labels = labels.astype(np.int64)
+    labels.flags.writeable = False
+    return images, labels
 
 
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
@@ -200,7 +202,8 @@ def load_fashion_mnist(
         try:
             return load_from_disk(str(cache))
         except (OSError, ValueError, FileNotFoundError) as error:
-            logger.warning("ignoring unreadable Fashion-MNIST cache %s: %s", cache, error)
+            logger.warning("rebuilding unreadable Fashion-MNIST cache %s: %s", cache, error)
+            shutil.rmtree(cache, ignore_errors=True)
 
     features = Features({"image": Image(mode="L"), "label": ClassLabel(names=FASHION_MNIST_LABELS)})
     splits = {}

@@ -21,6 +21,7 @@ from .quantizers import (
 )
 
 __all__ = [
+    "SharedInput",
     "UniformQuantizer",
     "LogSqrt2Quantizer",
     "QuantLinear",
@@ -58,6 +59,16 @@ class _Quantizer(nn.Module):
         return self.quantize(x)
 
 
+class SharedInput:
+    """Lets quantizers that read the same tensor (transformers' separate q/k/v projections) quantize it once:
+    the last input and its fake-quantized output, reused for an identical per-tensor quantizer."""
+
+    __slots__ = ("input", "key", "output")
+
+    def __init__(self) -> None:
+        self.input = self.key = self.output = None
+
+
 class UniformQuantizer(_Quantizer):
     """Uniform asymmetric fake quantizer, per tensor or per last-dim channel."""
 
@@ -66,6 +77,7 @@ class UniformQuantizer(_Quantizer):
         self.channelwise = channelwise
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
+        self.shared_input: SharedInput | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -85,7 +97,14 @@ class UniformQuantizer(_Quantizer):
         self.set_params(*uniform_params(low, high, self.bits))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
+        shared = self.shared_input
+        if shared is None or self.channelwise or self.calibrating:
+            return fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
+        key = (self.bits, float(self.scale), float(self.zero_point))
+        if shared.input is not x or shared.key != key:
+            shared.input, shared.key = x, key
+            shared.output = fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
+        return shared.output
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channelwise={self.channelwise}"

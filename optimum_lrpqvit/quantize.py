@@ -13,7 +13,7 @@ from torch import nn
 from .architectures import Family, Layout, find_family
 from .config import LRPQConfig
 from .inputs import as_pixel_values
-from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, calibration
+from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
 from .reparam import clip_channel_params, reparam_factors, reparameterize
 
 __all__ = ["PATCH_EMBED_A_BITS", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "prepare_model",
@@ -67,6 +67,11 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
         model.set_submodule(name, QuantLinear.from_linear(
             linear, bits["w_bits"], bits["a_bits"], act_channelwise=is_post_ln and channelwise, percentiles=pct,
             add_bias=is_post_ln and reparam))
+    for _, names in layout.post_ln:
+        if len(names) > 1:
+            shared = SharedInput()
+            for name in names:
+                model.get_submodule(name).input_quantizer.shared_input = shared
     conv = model.get_submodule(layout.patch_embed)
     bits = plan[layout.patch_embed]
     model.set_submodule(layout.patch_embed, QuantConv2d.from_conv(conv, bits["w_bits"], bits["a_bits"], pct))

@@ -195,10 +195,6 @@ def test_real_arrays_shapes_and_dtypes(real_arrays):
         assert images.max() > 0 and images.min() == 0  # not an all-zero / constant payload
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in data.py: docstring promises read-only arrays, but labels.astype(np.int64) returns a writable copy",
-)
 def test_real_arrays_labels_are_read_only(real_arrays):
     assert not real_arrays["test"][1].flags.writeable
 
@@ -481,11 +477,6 @@ def test_unreadable_cache_falls_back_to_rebuilding(tiny, tmp_path):
     assert [e for e in cache_entries(cache_dir) if ".tmp-" in e] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in data.py: a broken cache entry is never replaced (tmp.rename onto the non-empty entry "
-    "fails with ENOTEMPTY, only logged), so every later call re-parses and re-encodes everything",
-)
 def test_unreadable_cache_is_repaired(tiny, tmp_path, monkeypatch):
     root, arrays = tiny
     cache_dir = tmp_path / "cache"

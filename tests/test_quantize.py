@@ -189,3 +189,18 @@ def test_config_round_trips_through_json_and_keeps_unknown_keys():
     restored = LRPQConfig.from_dict(json.loads(config.to_json_string()))
     assert restored.to_dict() == config.to_dict()
     assert restored.future_option == {"a": 1} and restored.quant_method == "lrpqvit"
+
+
+def test_hf_qkv_projections_quantize_their_shared_input_once():
+    model = quantize(models.hf_vit(), LRPQConfig(post_ln="repq"), models.images(8))
+    attn = model.vit.layers[0].attention if hasattr(model.vit, "layers") else model.vit.encoder.layer[0].attention
+    quantizers = [getattr(attn, f"{p}_proj").input_quantizer for p in "qkv"]
+    assert quantizers[0].shared_input is not None
+    assert all(q.shared_input is quantizers[0].shared_input for q in quantizers)
+    x = torch.randn(2, 17, 32)
+    outs = [q(x) for q in quantizers]
+    assert outs[1] is outs[0] and outs[2] is outs[0]
+    # a quantizer with other parameters does not reuse the shared result
+    quantizers[2].set_params(quantizers[2].scale * 2, quantizers[2].zero_point)
+    assert quantizers[2](x) is not outs[0]
+    torch.testing.assert_close(quantizers[2](x), quantizers[2].quantize(x.clone()))

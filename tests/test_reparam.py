@@ -109,3 +109,18 @@ def test_mixed_bits_in_one_group_share_the_reparameterised_range():
     assert kq.bits == 6 and not kq.channelwise
     torch.testing.assert_close(high_k - low_k, high_q - low_q, rtol=1e-5, atol=0)
     assert abs(low_k - low_q) <= kq.scale / 2 + 1e-7
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "hf_swin", "timm_vit", "wrapped_timm_swin"])
+def test_outlier_injection_keeps_the_function_and_widens_channels(family):
+    from optimum_lrpqvit.outliers import channel_range_ratio, inject_outlier_channels
+
+    model = models.FAMILIES[family]()
+    x = models.images(8, seed=1)
+    expected = models.logits(model, x)
+    before = channel_range_ratio(model, x)
+    chosen = inject_outlier_channels(model, factors=(20.0, 50.0))
+    assert set(chosen) == set(before) and all(len(c) == 2 for c in chosen.values())
+    torch.testing.assert_close(models.logits(model, x), expected, atol=1e-4, rtol=1e-4)
+    after = channel_range_ratio(model, x)
+    assert all(after[n] > 5 * before[n] for n in before)
