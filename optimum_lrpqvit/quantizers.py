@@ -44,14 +44,15 @@ def check_bits(bits: int, what: str = "bits") -> int:
 def sorted_quantiles(x_sorted: torch.Tensor, ps: Sequence[float]) -> torch.Tensor:
     """Quantiles of each column of an ascending-sorted ``(n, c)`` tensor, shape ``(len(ps), c)``.
 
-    Linear interpolation between order statistics, as ``torch.quantile`` does (but with no size limit).
+    Bit-identical to ``torch.quantile`` (linear interpolation), without its input-size limit and sorting
+    only once for all ``ps``.
     """
     n = x_sorted.shape[0]
-    pos = torch.tensor(list(ps), dtype=torch.float64) * (n - 1)
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
-    frac = (pos - lo).to(x_sorted.dtype).unsqueeze(1)
-    return x_sorted[lo] + frac * (x_sorted[hi] - x_sorted[lo])
+    # ranks as torch.quantile computes them: p rounded to the input dtype, then multiplied in float64
+    pos = torch.tensor(list(ps), dtype=x_sorted.dtype).double() * (n - 1)
+    lo, hi = pos.floor(), pos.ceil()
+    weight = (pos - lo).to(device=x_sorted.device, dtype=x_sorted.dtype).unsqueeze(1)
+    return torch.lerp(x_sorted[lo.long()], x_sorted[hi.long()], weight)
 
 
 def uniform_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
