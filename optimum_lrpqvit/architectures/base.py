@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .. import relevance
 
 __all__ = ["Layout", "Family", "quantized_attention"]
 
@@ -52,6 +55,11 @@ class Family:
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
+        """(block, forward) pairs that, installed per instance, route every residual addition through
+        ``relevance.residual_add`` (used during importance scoring only)."""
+        raise NotImplementedError
+
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         """(channels, height, width) the model expects; None where any size is accepted."""
         raise NotImplementedError
@@ -68,12 +76,16 @@ def quantized_attention(
     """softmax(Q(q)·Q(k)ᵀ·scaling + bias) = A, then Q_log√2(A)·Q(v); inputs are (batch, heads, tokens, dim).
 
     ``module.matmul1`` / ``module.matmul2`` are the ``QuantMatMul`` points; without them this is plain attention.
+    During importance scoring the products, scaling, bias and softmax follow the LRP rules of
+    ``relevance`` and the points ``.matmul1``, ``.softmax`` and ``.matmul2`` are recorded.
     Returns (output (batch, heads, tokens, dim), A).
     """
-    matmul1 = getattr(module, "matmul1", torch.matmul)
-    matmul2 = getattr(module, "matmul2", torch.matmul)
-    scores = matmul1(query, key.transpose(-2, -1)) * scaling
+    matmul1 = getattr(module, "matmul1", relevance.matmul)
+    matmul2 = getattr(module, "matmul2", relevance.matmul)
+    scores = relevance.record(module, matmul1(query, key.transpose(-2, -1)), "matmul1")
+    scores = relevance.pass_through(scores, lambda s: s * scaling)
     if bias is not None:
-        scores = scores + bias
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-    return matmul2(probs, value), probs
+        scores = relevance.pass_through(scores, lambda s: s + bias)
+    probs = relevance.pass_through(scores, lambda s: s.softmax(dim=-1, dtype=torch.float32).to(query.dtype))
+    probs = relevance.record(module, probs, "softmax")
+    return relevance.record(module, matmul2(probs, value), "matmul2"), probs

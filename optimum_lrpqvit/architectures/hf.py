@@ -18,9 +18,10 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.models.deit.modeling_deit import DeiTLayer
-from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging
+from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging, window_partition, window_reverse
 from transformers.models.vit.modeling_vit import ViTLayer
 
+from ..relevance import residual_add
 from .base import Family, Layout, quantized_attention
 
 __all__ = ["HF_VIT", "HF_SWIN", "ATTN_IMPLEMENTATION"]
@@ -47,6 +48,39 @@ def lrpqvit_attention(
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, lrpqvit_attention)
+
+
+def _vit_layer_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+    """``ViTLayer``/``DeiTLayer.forward`` with relevance-conserving residual additions."""
+    attention, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+    hidden_states = residual_add(self.dropout(attention), hidden_states)
+    return residual_add(self.dropout(self.mlp(self.layernorm_after(hidden_states))), hidden_states)
+
+
+def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int],
+                        always_partition: bool = False, **kwargs):
+    """``SwinLayer.forward`` with relevance-conserving residual additions."""
+    if not always_partition:
+        self.set_shift_and_window_size(input_dimensions)
+    height, width = input_dimensions
+    batch_size, _, channels = hidden_states.size()
+    shortcut = hidden_states
+    hidden_states = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
+    hidden_states, pad_values = self.maybe_pad(hidden_states, height, width)
+    _, height_pad, width_pad, _ = hidden_states.shape
+    windows = window_partition(self.cyclic_shift(hidden_states), self.window_size)
+    windows = windows.view(-1, self.window_size * self.window_size, channels)
+    attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=hidden_states.dtype, device=windows.device)
+    attention_output, attn_weights = self.attention(windows, attn_mask, **kwargs)
+    attention_windows = self.dropout(attention_output).view(-1, self.window_size, self.window_size, channels)
+    attention_windows = self.cyclic_shift(
+        window_reverse(attention_windows, self.window_size, height_pad, width_pad), reverse=True)
+    if pad_values[3] > 0 or pad_values[5] > 0:
+        attention_windows = attention_windows[:, :height, :width, :].contiguous()
+    attention_windows = attention_windows.view(batch_size, height * width, channels)
+    hidden_states = residual_add(shortcut, self.drop_path(attention_windows))
+    mlp_output = self.dropout(self.mlp(self.layernorm_after(hidden_states)))
+    return residual_add(mlp_output, hidden_states), attn_weights
 
 
 class _HFFamily(Family):
@@ -95,6 +129,10 @@ class _HFFamily(Family):
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
+
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+        forward = _swin_layer_forward if isinstance(model, SwinForImageClassification) else _vit_layer_forward
+        return [(m, forward) for m in model.modules() if isinstance(m, self.layer_classes)]
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         size = model.config.image_size

@@ -11,6 +11,7 @@ import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
 from torch import nn
 
+from ..relevance import residual_add
 from .base import Family, Layout, quantized_attention
 from .timm_vit import install_instance_forward, remove_instance_forward
 
@@ -27,6 +28,14 @@ def _window_attention_forward(self: WindowAttention, x: torch.Tensor, mask: torc
     out, _ = quantized_attention(self, q, k, v, self.scale, bias)
     out = out.transpose(1, 2).reshape(windows, tokens, -1)
     return self.proj_drop(self.proj(out))
+
+
+def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """timm ``SwinTransformerBlock.forward`` with relevance-conserving residual additions."""
+    batch, height, width, channels = x.shape
+    x = residual_add(x, self.drop_path1(self._attn(self.norm1(x)))).reshape(batch, -1, channels)
+    x = residual_add(x, self.drop_path2(self.mlp(self.norm2(x))))
+    return x.reshape(batch, height, width, channels)
 
 
 class _TimmSwin(Family):
@@ -66,6 +75,9 @@ class _TimmSwin(Family):
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values)
+
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+        return [(block, _block_forward) for stage in model.layers for block in stage.blocks]
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         pe = model.patch_embed

@@ -13,6 +13,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..relevance import residual_add
 from .base import Family, Layout, quantized_attention
 
 __all__ = ["TIMM_VIT", "install_instance_forward", "remove_instance_forward"]
@@ -38,6 +39,12 @@ def _attention_forward(self: Attention, x: torch.Tensor, attn_mask: torch.Tensor
     out, _ = quantized_attention(self, q, k, v, self.scale, attn_mask)
     out = self.norm(out.transpose(1, 2).reshape(batch, tokens, self.attn_dim))
     return self.proj_drop(self.proj(out))
+
+
+def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+    """timm ``Block.forward`` with relevance-conserving residual additions."""
+    x = residual_add(x, self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))))
+    return residual_add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
 class _TimmViT(Family):
@@ -76,6 +83,9 @@ class _TimmViT(Family):
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values)
+
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+        return [(block, _block_forward) for block in model.blocks]
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         pe = model.patch_embed

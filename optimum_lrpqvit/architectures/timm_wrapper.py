@@ -60,6 +60,9 @@ class _TimmWrapper(Family):
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
 
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+        return _inner(model).block_forwards(model.timm_model)
+
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return _inner(model).input_shape(model.timm_model)
 

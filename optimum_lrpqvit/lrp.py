@@ -1,0 +1,182 @@
+"""LRP layer importance (SPEC §4): ``compute_importance(model, data)``.
+
+LRP-QViT (Ranjan & Savakis, arXiv 2401.11243) scores each quantized point l by the positive part of
+gradient ⊙ relevance at its output, M_l = (G_l ⊙ R_l)⁺, with R propagated by the rules of Chefer et al.
+(CVPR 2021, see ``relevance``). The image's contribution is c_l = mean(M_l) (heads averaged for attention
+maps); the layer score C_l is the mean of c_l over the images and the importance I_l = C_l / Σ C.
+
+One forward pass and two backward passes per batch (gradient, then relevance), in float32, on the model as
+it is (float, not yet quantized); the model is unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import types
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import relevance
+from .architectures import Family, Layout, find_family
+from .inputs import as_pixel_values
+from .nn import QuantConv2d, QuantLinear, QuantMatMul
+
+__all__ = ["compute_importance", "image_contributions", "importance_points", "relevance_and_gradients", "scoring"]
+
+try:  # timm's LayerScale multiplies by γ: relevance passes through it
+    from timm.layers import LayerScale as _TimmLayerScale
+except ImportError:  # pragma: no cover
+    _TimmLayerScale = ()
+
+_ELEMENTWISE = (nn.LayerNorm, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, _TimmLayerScale)
+
+
+def _is_elementwise(module: nn.Module) -> bool:
+    return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
+
+
+def importance_points(layout: Layout) -> list[str]:
+    """Every quantized point of ``layout``, named as in the bit plan."""
+    points = [layout.patch_embed]
+    points += [n for _, names in layout.post_ln for n in names] + list(layout.linears)
+    points += [f"{a}.{p}" for a in layout.attentions for p in ("matmul1", "softmax", "matmul2")]
+    return points
+
+
+def _install(module: nn.Module, forward) -> None:
+    module.forward = types.MethodType(forward, module)
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return relevance.record(self, relevance.linear(x, self.weight, self.bias))
+
+
+def _patch_embed_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # relevance is read up to the patch embedding's output: the graph starts there
+    out = self._conv_forward(x, self.weight, self.bias).detach().requires_grad_()
+    relevance.active_recorder().roots.append(out)
+    return relevance.record(self, out)
+
+
+def _elementwise_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return relevance.pass_through(x, type(self).forward.__get__(self))
+
+
+@contextlib.contextmanager
+def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Recorder]]:
+    """Route ``model`` (this instance only) through the relevance primitives and record every quantized point;
+    everything is undone on exit."""
+    family = find_family(model)
+    if any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules()):
+        raise ValueError("compute_importance scores the float model; call it before quantize().")
+    layout = family.layout(model)
+    recorder = relevance.Recorder()
+    names = {name: module for name, module in model.named_modules()}
+    for point in [layout.patch_embed, *[n for _, ns in layout.post_ln for n in ns], *layout.linears,
+                  *layout.attentions]:
+        recorder.names[id(names[point])] = point
+    patched = [(names[layout.patch_embed], _patch_embed_forward)]
+    patched += [(m, _linear_forward) for m in model.modules() if isinstance(m, nn.Linear)]
+    patched += [(m, _elementwise_forward) for m in model.modules() if _is_elementwise(m)]
+    patched += family.block_forwards(model)
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        family.install_attention(model, layout)
+        for module, forward in patched:
+            _install(module, forward)
+        with recorder:
+            yield family, layout, recorder
+    finally:
+        for module, _ in patched:
+            module.__dict__.pop("forward", None)
+        family.remove_attention(model, layout)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def relevance_and_gradients(
+    model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None
+) -> tuple[Layout, relevance.Recorder]:
+    """One forward and the two backward passes; the recorder holds, per point, the output (``outputs``), its
+    gradient (``captured["grad"]``) and its relevance (``captured["relevance"]``) of the target logit."""
+    with scoring(model) as (family, layout, recorder), torch.enable_grad():
+        logits = family.logits(model, pixel_values)
+        if targets is None:
+            targets = logits.argmax(-1)
+        seed = F.one_hot(targets.to(logits.device), logits.shape[-1]).to(logits.dtype)
+        recorder.mode = "grad"
+        torch.autograd.grad(logits, recorder.roots, seed, retain_graph=True)
+        recorder.mode = "relevance"
+        torch.autograd.grad(logits, recorder.roots, seed)
+    return layout, recorder
+
+
+def image_contributions(
+    model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-image contributions c_l = mean((G_l ⊙ R_l)⁺) of every quantized point, each of shape (N,).
+
+    ``targets``: class per image, or None for the predicted class. The model must be float32.
+    """
+    layout, recorder = relevance_and_gradients(model, pixel_values, targets)
+    out = {}
+    for point in importance_points(layout):
+        m = (recorder.captured["grad"][point] * recorder.captured["relevance"][point]).clamp_(min=0)
+        # window attention (Swin) puts images × windows in dim 0, images first: mean per image
+        out[point] = m.reshape(len(pixel_values), -1).mean(1).cpu()
+    return out
+
+
+def _targets(targets: object, n: int, num_classes: int) -> torch.Tensor | None:
+    if targets is None:
+        return None
+    targets = torch.as_tensor(targets)
+    if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be a 1-D sequence of integer class indices, got {targets.dtype} "
+                         f"of shape {tuple(targets.shape)}.")
+    if len(targets) != n:
+        raise ValueError(f"targets has {len(targets)} labels but the data has {n} images.")
+    if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"targets must be class indices in [0, {num_classes - 1}], got values in "
+                         f"[{int(targets.min())}, {int(targets.max())}].")
+    return targets.long()
+
+
+def compute_importance(
+    model: nn.Module, data: object, targets: Sequence[int] | torch.Tensor | None = None, batch_size: int = 32
+) -> dict[str, float]:
+    """Relative LRP importance ``{point name: I_l}`` of every quantized point, summing to 1.
+
+    ``data`` as for ``quantize()``; ``targets`` are labels, or None for each image's predicted class.
+    Batches of ``batch_size`` images; a batch gives exactly the per-image results (to float rounding).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    family = find_family(model)
+    pixels = as_pixel_values(data, *family.input_shape(model))
+    scored = model
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        scored = copy.deepcopy(model).float()
+    device = next(scored.parameters()).device
+    with torch.no_grad():
+        num_classes = family.logits(scored, pixels[:1].to(device)).shape[-1]
+    labels = _targets(targets, len(pixels), num_classes)
+    sums: dict[str, float] = {}
+    for start in range(0, len(pixels), batch_size):
+        batch_targets = None if labels is None else labels[start:start + batch_size]
+        contributions = image_contributions(scored, pixels[start:start + batch_size].to(device), batch_targets)
+        for point, c in contributions.items():
+            sums[point] = sums.get(point, 0.0) + c.double().sum().item()
+    total = sum(sums.values())
+    if not total > 0:
+        raise ValueError("Every layer scored zero importance (no positive gradient ⊙ relevance); check the data.")
+    return {point: value / total for point, value in sums.items()}

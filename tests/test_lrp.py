@@ -1,0 +1,207 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.swin.modeling_swin import SwinLayer
+from transformers.models.vit.modeling_vit import ViTLayer
+from transformers.models.deit.modeling_deit import DeiTLayer
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block
+
+import models
+from optimum_lrpqvit import relevance
+from optimum_lrpqvit.lrp import compute_importance, image_contributions, relevance_and_gradients
+
+BLOCKS = (ViTLayer, DeiTLayer, SwinLayer, Block, SwinTransformerBlock)
+
+
+def _block_relevance(model, x, targets=None):
+    """Per-sample relevance totals entering and leaving every transformer block, in forward order."""
+    names, handles = [], []
+
+    def pre(module, args, kwargs):
+        name = f"{len(names)}"
+        names.append(name)
+        relevance.active_recorder().record(f"in{name}", args[0])
+
+    def post(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        relevance.active_recorder().record(f"out{names[-1]}", out)
+
+    for m in model.modules():
+        if isinstance(m, BLOCKS):
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post))
+    try:
+        _, recorder = relevance_and_gradients(model, x, targets)
+    finally:
+        for h in handles:
+            h.remove()
+    r = recorder.captured["relevance"]
+    return [(r[f"in{n}"].flatten(1).sum(1), r[f"out{n}"].flatten(1).sum(1)) for n in names]
+
+
+@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+def test_relevance_is_conserved_per_sample_through_every_block(family):
+    model = models.FAMILIES[family]()
+    totals = _block_relevance(model, models.images(3, seed=1))
+    assert len(totals) >= 2
+    for r_in, r_out in totals:
+        torch.testing.assert_close(r_in, r_out, rtol=1e-3, atol=1e-4)
+    # the seed is 1 at the target logit; the heads (α1β0, bias-free share) pass it on whole
+    torch.testing.assert_close(totals[-1][1], torch.ones(3), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "hf_deit_teacher", "hf_swin", "timm_vit", "timm_swin"])
+def test_a_batch_gives_exactly_the_single_image_results(family):
+    model = models.FAMILIES[family]()
+    x = models.images(4, seed=2)
+    targets = torch.tensor([0, 3, 1, 4])
+    batched = image_contributions(model, x, targets)
+    for i in range(4):
+        single = image_contributions(model, x[i:i + 1], targets[i:i + 1])
+        for point, c in batched.items():
+            torch.testing.assert_close(c[i:i + 1], single[point], rtol=1e-4, atol=1e-9)
+
+
+def test_importance_is_deterministic_normalised_and_leaves_the_model_unchanged():
+    model = models.hf_swin()
+    x = models.images(6, seed=3)
+    before = models.logits(model, x)
+    attn = model.config._attn_implementation
+    first = compute_importance(model, x, batch_size=4)
+    second = compute_importance(model, x, batch_size=6)
+    assert first.keys() == second.keys()
+    for k in first:
+        assert first[k] == pytest.approx(second[k], rel=1e-5, abs=1e-12)
+    assert sum(first.values()) == pytest.approx(1.0) and all(v >= 0 for v in first.values())
+    assert torch.equal(models.logits(model, x), before)
+    assert model.config._attn_implementation == attn
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_importance_points_are_the_bit_plan_points():
+    from optimum_lrpqvit import LRPQConfig, quantize
+
+    model = models.hf_deit_teacher()
+    scores = compute_importance(model, models.images(2))
+    quantize(model, LRPQConfig(), models.images(4))
+    assert set(scores) == set(model.config.quantization_config.bit_plan)
+
+
+def test_labels_change_the_scores_and_default_to_predictions():
+    model = models.timm_vit()
+    x = models.images(4, seed=4)
+    predicted = models.logits(model, x).argmax(-1)
+    assert compute_importance(model, x) == compute_importance(model, x, targets=predicted)
+    assert compute_importance(model, x) != compute_importance(model, x, targets=(predicted + 1) % models.NUM_LABELS)
+
+
+@pytest.mark.parametrize("targets, match", [
+    ([0, 1], "2 labels but the data has 3"),
+    ([0, 1, 9], r"\[0, 4\]"),
+    ([0, -1, 2], r"\[0, 4\]"),
+    ([0.5, 1.0, 2.0], "integer"),
+])
+def test_bad_targets_are_rejected(targets, match):
+    with pytest.raises(ValueError, match=match):
+        compute_importance(models.timm_vit(), models.images(3), targets=targets)
+
+
+def test_empty_data_and_quantized_models_are_rejected():
+    from optimum_lrpqvit import LRPQConfig, quantize
+
+    with pytest.raises(ValueError, match="empty"):
+        compute_importance(models.timm_vit(), torch.empty(0, 3, 16, 16))
+    quantized = quantize(models.timm_vit(), LRPQConfig(), models.images(4))
+    with pytest.raises(ValueError, match="before quantize"):
+        compute_importance(quantized, models.images(2))
+
+
+# --- a slow, explicit reference: the rules written out for one image of a timm ViT -------------------------
+
+def _alpha1beta0(x, w, r):
+    """R_i = Σ_j (x_i⁺w_ji⁺ + x_i⁻w_ji⁻) / Σ_i'(x_i'⁺w_ji'⁺ + x_i'⁻w_ji'⁻) · R_j, for x (n, in), w (out, in)."""
+    pos = x.clamp(min=0)[:, None, :] * w.clamp(min=0)[None] + x.clamp(max=0)[:, None, :] * w.clamp(max=0)[None]
+    z = pos.sum(-1, keepdim=True)
+    return (pos / relevance.stabilise(z) * r[:, :, None]).sum(1)
+
+
+def _matmul_halves(a, b, r):
+    """Half of R to each operand, shared in proportion to |a_ik b_kj|."""
+    terms = (a[:, :, None] * b[None, :, :]).abs()  # (n, k, m)
+    share = terms / relevance.stabilise(terms.sum(1, keepdim=True)) * r[:, None, :]
+    return 0.5 * share.sum(2), 0.5 * share.sum(0)
+
+
+def _residual(x, y, r):
+    share = x.abs() / relevance.stabilise(x.abs() + y.abs())
+    return share * r, (1 - share) * r
+
+
+def _reference_relevance(model, image, target):
+    """Relevance at every point's output, for one image, by explicit rules (no autograd)."""
+    with torch.no_grad():
+        x = model.patch_embed(image[None])
+        x = model._pos_embed(x)[0]
+        acts = []
+        for blk in model.blocks:
+            a = blk.attn
+            h1 = blk.norm1(x)
+            qkv = F.linear(h1, a.qkv.weight, a.qkv.bias)
+            q, k, v = qkv.reshape(len(x), 3, a.num_heads, -1).permute(1, 2, 0, 3)
+            s = q @ k.transpose(-2, -1)
+            p = (s * a.scale).softmax(-1)
+            o = p @ v
+            o_flat = o.transpose(0, 1).reshape(len(x), -1)
+            proj = a.proj(o_flat)
+            mid = x + proj
+            h2 = blk.norm2(mid)
+            f1 = blk.mlp.fc1(h2)
+            g = blk.mlp.act(f1)
+            f2 = blk.mlp.fc2(g)
+            acts.append(dict(x=x, h1=h1, q=q, k=k, v=v, p=p, o_flat=o_flat, proj=proj, mid=mid, h2=h2, f1=f1, g=g, f2=f2))
+            x = mid + f2
+        cls = model.norm(x)[0]
+        logits = model.head(cls)
+        r_logits = F.one_hot(torch.tensor(target), logits.shape[-1]).float()
+        out = {"head": r_logits}
+        r_x = torch.zeros_like(x)
+        r_x[0] = _alpha1beta0(cls[None], model.head.weight, r_logits[None])[0]
+        for i in reversed(range(len(model.blocks))):
+            blk, t = model.blocks[i], acts[i]
+            a = blk.attn
+            r_mid, r_f2 = _residual(t["mid"], t["f2"], r_x)
+            out[f"blocks.{i}.mlp.fc2"] = r_f2
+            r_g = _alpha1beta0(t["g"], blk.mlp.fc2.weight, r_f2)
+            out[f"blocks.{i}.mlp.fc1"] = r_g
+            r_mid = r_mid + _alpha1beta0(t["h2"], blk.mlp.fc1.weight, r_g)
+            r_x, r_proj = _residual(t["x"], t["proj"], r_mid)
+            out[f"blocks.{i}.attn.proj"] = r_proj
+            r_o = _alpha1beta0(t["o_flat"], a.proj.weight, r_proj).reshape(len(r_x), a.num_heads, -1).transpose(0, 1)
+            out[f"blocks.{i}.attn.matmul2"] = r_o
+            r_q, r_k, r_v, r_p = [], [], [], []
+            for h in range(a.num_heads):
+                rp, rv = _matmul_halves(t["p"][h], t["v"][h], r_o[h])
+                rq, rkt = _matmul_halves(t["q"][h], t["k"][h].t(), rp)
+                r_p.append(rp), r_v.append(rv), r_q.append(rq), r_k.append(rkt.t())
+            out[f"blocks.{i}.attn.softmax"] = out[f"blocks.{i}.attn.matmul1"] = torch.stack(r_p)
+            r_qkv = torch.stack([torch.stack(r_q), torch.stack(r_k), torch.stack(r_v)])  # (3, heads, n, d)
+            r_qkv = r_qkv.permute(2, 0, 1, 3).reshape(len(r_x), -1)
+            out[f"blocks.{i}.attn.qkv"] = r_qkv
+            r_x = r_x + _alpha1beta0(t["h1"], a.qkv.weight, r_qkv)
+    return out
+
+
+def test_engine_agrees_with_an_explicit_per_image_reference():
+    model = models.timm_vit(seed=5)
+    x = models.images(2, seed=6)
+    targets = torch.tensor([2, 0])
+    _, recorder = relevance_and_gradients(model, x, targets)
+    for i in range(2):
+        expected = _reference_relevance(model, x[i], int(targets[i]))
+        for point, r in expected.items():
+            got = recorder.captured["relevance"][point][i]
+            torch.testing.assert_close(got.reshape(r.shape), r, rtol=1e-4, atol=1e-6, msg=point)
