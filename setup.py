@@ -21,6 +21,8 @@ setup(
         "tqdm",
         "numpy",
         "pillow",
+        "scipy>=1.9",
+        "matplotlib",
     ],
     extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
 )

@@ -9,10 +9,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .quantizers import DEFAULT_PERCENTILES, check_bits
 
-__all__ = ["LRPQConfig", "POST_LN_MODES", "QUANT_METHOD"]
+__all__ = ["ALLOCATIONS", "IMPORTANCES", "LRPQConfig", "POST_LN_MODES", "QUANT_METHOD"]
 
 QUANT_METHOD = "lrpqvit"
 POST_LN_MODES = ("layerwise", "channelwise", "repq", "crl")
+ALLOCATIONS = ("paper", "budget")
+IMPORTANCES = ("lrp", "random", "uniform")
 FORMAT_VERSION = 1
 
 
@@ -34,7 +36,20 @@ class LRPQConfig(QuantizationConfigMixin):
         percentiles (`list[float]`, *optional*, defaults to `[0.999, 0.9999, 0.99999]`):
             Candidate percentiles of the range search; the lowest-MSE one is kept.
         mixed_precision (`bool`, *optional*, defaults to `False`):
-            Allocate bits per layer from LRP importance.
+            Allocate bits per layer from layer importance, keeping the model size of uniform `w_bits`.
+        allocation (`str`, *optional*, defaults to `"paper"`):
+            `"paper"`: the first two blocks at w_bits+1, the least important layers at w_bits−1 until the
+            parameter-weighted average is back at w_bits. `"budget"`: one of `candidate_bits` per layer,
+            maximising the importance-weighted reduction of weight quantization error at an average of
+            exactly ≤ w_bits (an integer program).
+        importance (`str`, *optional*, defaults to `"lrp"`):
+            `"lrp"` (LRP relevance ⊙ gradient), or `"random"` / `"uniform"` for ablations at equal size.
+        candidate_bits (`list[int]`, *optional*, defaults to `[3, 4, 5, 6, 8]`):
+            Weight bits the `"budget"` allocation may choose from.
+        num_importance_samples (`int`, *optional*):
+            Images scored for importance (a seeded random subset); all of the importance data by default.
+        seed (`int`, *optional*, defaults to 0):
+            Fixes every random choice (importance subset, random importance).
         bit_plan (`dict`, *optional*):
             Set by `quantize`: `{point name: {"w_bits": int | None, "a_bits": int}}`.
         bit_plan_summary (`dict`, *optional*):
@@ -51,6 +66,11 @@ class LRPQConfig(QuantizationConfigMixin):
         crl_k: float = 2.0,
         percentiles: list[float] | tuple[float, ...] = DEFAULT_PERCENTILES,
         mixed_precision: bool = False,
+        allocation: str = "paper",
+        importance: str = "lrp",
+        candidate_bits: list[int] | tuple[int, ...] = (3, 4, 5, 6, 8),
+        num_importance_samples: int | None = None,
+        seed: int = 0,
         bit_plan: dict[str, dict[str, int | None]] | None = None,
         bit_plan_summary: dict[str, float] | None = None,
         **kwargs: Any,
@@ -64,6 +84,11 @@ class LRPQConfig(QuantizationConfigMixin):
         self.crl_k = crl_k
         self.percentiles = [float(p) for p in percentiles]
         self.mixed_precision = mixed_precision
+        self.allocation = allocation
+        self.importance = importance
+        self.candidate_bits = [int(b) for b in candidate_bits]
+        self.num_importance_samples = num_importance_samples
+        self.seed = seed
         self.bit_plan = bit_plan
         self.bit_plan_summary = bit_plan_summary
         for key, value in kwargs.items():
@@ -85,6 +110,20 @@ class LRPQConfig(QuantizationConfigMixin):
             raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {self.percentiles!r}.")
         if not isinstance(self.mixed_precision, bool):
             raise ValueError(f"mixed_precision must be a bool, got {self.mixed_precision!r}.")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}.")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}.")
+        for b in self.candidate_bits:
+            check_bits(b, "candidate_bits")
+        if self.num_importance_samples is not None and (
+            isinstance(self.num_importance_samples, bool) or not isinstance(self.num_importance_samples, int)
+            or self.num_importance_samples < 1
+        ):
+            raise ValueError(f"num_importance_samples must be a positive int or None, got "
+                             f"{self.num_importance_samples!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}.")
         if self.format_version != FORMAT_VERSION:
             raise ValueError(f"Unknown lrpqvit format_version {self.format_version!r}; this version of "
                              f"optimum-lrpqvit reads version {FORMAT_VERSION}. Upgrade optimum-lrpqvit.")

@@ -10,16 +10,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .allocation import budget_allocation, importance_scores, paper_allocation, weight_quantization_errors
 from .architectures import Family, Layout, find_family
 from .config import LRPQConfig
 from .inputs import as_pixel_values
+from .lrp import compute_importance, importance_points
 from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
 from .reparam import clip_channel_params, reparam_factors, reparameterize
 
-__all__ = ["PATCH_EMBED_A_BITS", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "prepare_model",
-           "quantize"]
+__all__ = ["PATCH_EMBED_A_BITS", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "layer_importance",
+           "mixed_bit_plan", "prepare_model", "quantize"]
 
 PATCH_EMBED_A_BITS = 8
+PAPER_FIRST_BLOCKS = 2
 BitPlan = dict[str, dict[str, int | None]]
 
 
@@ -32,6 +35,47 @@ def fixed_bit_plan(layout: Layout, w_bits: int, a_bits: int) -> BitPlan:
     for attn in layout.attentions:
         plan.update({f"{attn}.{p}": {"w_bits": None, "a_bits": a_bits} for p in ("matmul1", "softmax", "matmul2")})
     return plan
+
+
+def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importance: dict[str, float]) -> BitPlan:
+    """Per-layer bits from ``importance`` (SPEC §5) at the size of uniform ``config.w_bits``.
+
+    Weight points get their allocated bits; their input activations shift by the same amount (the patch
+    embedding's input stays at 8 bits). Attention products keep ``a_bits``, +1 in the first two blocks with
+    the paper rule.
+    """
+    plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
+    weighted = [p for p, bits in plan.items() if bits["w_bits"] is not None]
+    params = {p: model.get_submodule(p).weight.numel() for p in weighted}
+    scores = {p: importance[p] for p in weighted}
+    if config.allocation == "paper":
+        w_bits = paper_allocation(scores, params, {p: layout.block_of[p] for p in weighted}, config.w_bits,
+                                  first_blocks=PAPER_FIRST_BLOCKS)
+    else:
+        weights = {p: model.get_submodule(p).weight.detach() for p in weighted}
+        errors = weight_quantization_errors(weights, config.candidate_bits, config.percentiles)
+        w_bits = budget_allocation(scores, params, errors, config.w_bits, config.candidate_bits)
+    for point, bits in plan.items():
+        if point in w_bits:
+            delta = w_bits[point] - config.w_bits
+            bits["w_bits"] = w_bits[point]
+            if point != layout.patch_embed:
+                bits["a_bits"] = min(8, max(2, config.a_bits + delta))
+        elif config.allocation == "paper" and 0 <= layout.block_of[point] < PAPER_FIRST_BLOCKS:
+            bits["a_bits"] = min(8, config.a_bits + 1)
+    return plan
+
+
+def layer_importance(model: nn.Module, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> dict[str, float]:
+    """Relative importance of every quantized point by ``config.importance`` (seeded)."""
+    points = importance_points(layout)
+    lrp_scores = None
+    if config.importance == "lrp":
+        if config.num_importance_samples is not None and config.num_importance_samples < len(pixels):
+            generator = torch.Generator().manual_seed(config.seed)
+            pixels = pixels[torch.randperm(len(pixels), generator=generator)[: config.num_importance_samples]]
+        lrp_scores = compute_importance(model, pixels)
+    return importance_scores(config.importance, points, lrp_scores, config.seed)
 
 
 def bit_plan_summary(model: nn.Module, plan: BitPlan) -> dict[str, float]:
@@ -125,29 +169,35 @@ def fold_weights(model: nn.Module) -> None:
             module.fold_weight()
 
 
-def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object) -> nn.Module:
+def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
+             importance_data: object = None) -> nn.Module:
     """Quantize ``model`` in place with ``config``, calibrating on ``calibration_data``; returns the model.
 
     ``calibration_data``: a float tensor (N, C, H, W) of preprocessed pixel values, or an iterable of such
-    tensors or of dicts holding ``pixel_values``. The model keeps its call signature; the applied config
-    (with ``bit_plan`` and ``bit_plan_summary``) is ``model.config.quantization_config`` for transformers
-    models and ``model.quantization_config`` otherwise.
+    tensors or of dicts holding ``pixel_values``. With ``config.mixed_precision`` the layer importance is
+    scored on ``importance_data`` (same forms; the calibration data by default) before quantization. The
+    model keeps its call signature; the applied config (with ``bit_plan``, ``bit_plan_summary`` and, for
+    mixed precision, ``importance_scores``) is ``model.config.quantization_config`` for transformers models
+    and ``model.quantization_config`` otherwise.
     """
     if not isinstance(config, LRPQConfig):
         raise TypeError(f"config must be an LRPQConfig, got {type(config).__name__}.")
     family = find_family(model)
     if _is_quantized(model):
         raise ValueError("This model is already quantized; load the float model again to re-quantize it.")
-    if config.mixed_precision:
-        raise NotImplementedError("mixed_precision=True needs LRP importance scoring, which is not available in "
-                                  "this version; use mixed_precision=False.")
-    pixels = as_pixel_values(calibration_data, *family.input_shape(model))
+    shape = family.input_shape(model)
+    pixels = as_pixel_values(calibration_data, *shape)
     param = next(model.parameters())
     pixels = pixels.to(device=param.device, dtype=param.dtype)
 
     model.eval()
     layout = family.layout(model)
-    plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
+    if config.mixed_precision:
+        scored = pixels if importance_data is None else as_pixel_values(importance_data, *shape).to(param.device)
+        config.importance_scores = layer_importance(model, layout, config, scored)
+        plan = mixed_bit_plan(model, layout, config, config.importance_scores)
+    else:
+        plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
     prepare_model(model, family, layout, plan, config)
     calibrate(model, family, layout, config, pixels)
     fold_weights(model)

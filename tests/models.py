@@ -72,6 +72,12 @@ def timm_vit(seed: int = 0) -> nn.Module:
     return _spread(timm.models.vision_transformer.VisionTransformer(**_TIMM_VIT), seed)
 
 
+def deep_timm_vit(seed: int = 0) -> nn.Module:
+    """Six blocks: enough for mixed precision to have layers outside the first two blocks."""
+    torch.manual_seed(seed)
+    return _spread(timm.models.vision_transformer.VisionTransformer(**{**_TIMM_VIT, "depth": 6}), seed)
+
+
 def timm_deit_distilled(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return _spread(VisionTransformerDistilled(**_TIMM_VIT), seed)

@@ -134,6 +134,10 @@ def test_unsupported_model_names_the_supported_families():
     ({"crl_k": float("inf")}, "crl_k"),
     ({"percentiles": [0.2]}, "percentiles"),
     ({"format_version": 99}, "format_version"),
+    ({"allocation": "greedy"}, "allocation must be one of"),
+    ({"importance": "fisher"}, "importance must be one of"),
+    ({"candidate_bits": [3, 9]}, "candidate_bits"),
+    ({"num_importance_samples": 0}, "num_importance_samples"),
 ])
 def test_bad_config_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -174,14 +178,60 @@ def test_constant_images_calibrate_to_finite_scales():
     assert torch.isfinite(models.logits(model, models.images(2))).all()
 
 
-def test_quantizing_twice_and_mixed_precision_are_refused():
+def test_quantizing_twice_and_configs_of_other_types_are_refused():
     model = quantize(models.hf_vit(), LRPQConfig(), models.images(4))
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model, LRPQConfig(), models.images(4))
-    with pytest.raises(NotImplementedError, match="mixed_precision"):
-        quantize(models.hf_vit(), LRPQConfig(mixed_precision=True), models.images(4))
     with pytest.raises(TypeError, match="LRPQConfig"):
         quantize(models.hf_vit(), {"w_bits": 4}, models.images(4))
+
+
+@pytest.mark.parametrize("allocation", ["paper", "budget"])
+@pytest.mark.parametrize("importance", ["lrp", "random", "uniform"])
+def test_mixed_precision_keeps_the_size_of_uniform_bits(allocation, importance):
+    model = models.deep_timm_vit()
+    config = LRPQConfig(w_bits=4, a_bits=4, mixed_precision=True, allocation=allocation, importance=importance)
+    quantize(model, config, models.images(8))
+    plan, summary = model.quantization_config.bit_plan, model.quantization_config.bit_plan_summary
+    assert summary["avg_w_bits"] <= 4.0
+    assert set(config.importance_scores) == set(plan)
+    assert sum(config.importance_scores.values()) == pytest.approx(1.0)
+    w_bits = {p: b["w_bits"] for p, b in plan.items() if b["w_bits"] is not None}
+    if allocation == "paper":
+        assert all(w_bits[p] == 5 for p in w_bits if p.startswith(("blocks.0.", "blocks.1.")))
+        assert set(w_bits.values()) <= {3, 4, 5}
+    for point, bits in plan.items():  # activations follow their layer's bits
+        if bits["w_bits"] is not None and point != "patch_embed.proj":
+            assert bits["a_bits"] == bits["w_bits"]
+    for name, module in model.named_modules():  # the modules really carry the plan
+        if name in w_bits:
+            assert module.weight_quantizer.bits == w_bits[name]
+            assert torch.unique(module.weight[0]).numel() <= 2 ** w_bits[name]
+
+
+def test_mixed_precision_is_seeded_and_scores_the_importance_data():
+    def plan(**kwargs):
+        model = models.deep_timm_vit()
+        data = kwargs.pop("importance_data", None)
+        config = LRPQConfig(mixed_precision=True, **kwargs)
+        quantize(model, config, models.images(8), importance_data=data)
+        return config
+
+    assert plan(importance="random", seed=1).bit_plan == plan(importance="random", seed=1).bit_plan
+    assert plan(importance="random", seed=1).importance_scores != plan(importance="random", seed=2).importance_scores
+    a = plan(importance_data=models.images(6, seed=11)).importance_scores
+    b = plan(importance_data=models.images(6, seed=12)).importance_scores
+    assert a != b and a.keys() == b.keys()
+    c = plan(importance_data=models.images(6, seed=11), num_importance_samples=3, seed=0).importance_scores
+    assert c != a
+
+
+def test_infeasible_mixed_precision_budget_is_explained():
+    with pytest.raises(ValueError, match="first 2 block"):
+        quantize(models.timm_vit(), LRPQConfig(mixed_precision=True), models.images(4))
+    with pytest.raises(ValueError, match="feasible"):
+        quantize(models.deep_timm_vit(), LRPQConfig(w_bits=2, mixed_precision=True, allocation="budget",
+                                                   candidate_bits=[3, 4]), models.images(4))
 
 
 def test_config_round_trips_through_json_and_keeps_unknown_keys():

@@ -1,0 +1,313 @@
+"""Mixed-precision weight-bit allocation (SPEC §5).
+
+LRP-QViT (Ranjan & Savakis, arXiv 2401.11243) gives every layer of the first two transformer blocks b+1 bits
+and pays for it by dropping the least important layers (by LRP importance I_l) to b−1 bits, so that the
+parameter-weighted average weight bits stays at or under b (the size of uniform b-bit quantization).
+
+Beyond the paper: an exact knapsack over a candidate set of bit widths (``budget_allocation``, an integer
+linear program solved with ``scipy.optimize.milp``), the per-layer weight-quantization errors it trades off
+(``weight_quantization_errors``), and alternative importance criteria for ablations at equal size
+(``importance_scores``). Everything here is a pure function of plain dicts keyed by quantization point
+(module name); the result ``{point: w_bits}`` feeds the bit plan of ``optimum_lrpqvit.quantize``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from .quantizers import DEFAULT_PERCENTILES, check_bits, fake_quant_uniform, search_uniform_params
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "IMPORTANCE_KINDS",
+    "budget_allocation",
+    "importance_scores",
+    "paper_allocation",
+    "plan_summary_bits",
+    "weight_quantization_errors",
+]
+
+DEFAULT_CANDIDATES: tuple[int, ...] = (3, 4, 5, 6, 8)
+IMPORTANCE_KINDS: tuple[str, ...] = ("lrp", "random", "uniform")
+_MIN_BITS, _MAX_BITS = 2, 8
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _check_params(params: Mapping[str, int]) -> dict[str, int]:
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError("params must be a non-empty dict {point: number of weight parameters}.")
+    for name, n in params.items():
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(f"params[{name!r}] must be a positive integer (number of weight parameters), "
+                             f"got {n!r}.")
+    return {name: int(n) for name, n in params.items()}
+
+
+def _check_same_keys(what: str, mapping: Mapping[str, object], params: Mapping[str, int]) -> None:
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError(f"{what} must be a non-empty dict keyed by point.")
+    missing, extra = sorted(set(params) - set(mapping)), sorted(set(mapping) - set(params))
+    if missing or extra:
+        raise ValueError(f"The points of {what} and params differ: missing from {what}: {missing}; "
+                         f"not in params: {extra}.")
+
+
+def _check_importance(importance: Mapping[str, float], params: Mapping[str, int]) -> dict[str, float]:
+    _check_same_keys("importance", importance, params)
+    out = {}
+    for name, value in importance.items():
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"importance[{name!r}] must be a real number, got {value!r}.") from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"importance[{name!r}] must be finite and >= 0, got {value!r}.")
+        out[name] = v
+    return out
+
+
+def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or not candidates:
+        raise ValueError(f"candidates must be a non-empty sequence of bit widths, got {candidates!r}.")
+    for b in candidates:
+        check_bits(b, "Each candidate bit width")
+    return tuple(sorted(set(candidates)))
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+def plan_summary_bits(params: Mapping[str, int], w_bits: Mapping[str, int]) -> float:
+    """Parameter-weighted average weight bits: Σ_l n_l·b_l / Σ_l n_l."""
+    params = _check_params(params)
+    _check_same_keys("w_bits", w_bits, params)
+    for name, b in w_bits.items():
+        check_bits(b, f"w_bits[{name!r}]")
+    return sum(params[n] * w_bits[n] for n in params) / sum(params.values())
+
+
+# ---------------------------------------------------------------------------------------------- paper rule
+
+def paper_allocation(
+    importance: Mapping[str, float],
+    params: Mapping[str, int],
+    block_of: Mapping[str, int],
+    bits: int,
+    first_blocks: int = 2,
+) -> dict[str, int]:
+    """The LRP-QViT rule over weight points.
+
+    Every point with ``0 <= block_of[l] < first_blocks`` gets ``bits + 1``; all others start at ``bits``.
+    Then the points outside the first blocks (patch embedding at block −1 and heads included) drop to
+    ``bits − 1`` one at a time, least important first (ties broken by name), until
+    Σ_l n_l·b_l <= bits · Σ_l n_l (checked in exact integer arithmetic).
+
+    Args:
+        importance (`dict[str, float]`): relative importance I_l of each point (finite, >= 0).
+        params (`dict[str, int]`): number of weight parameters n_l of each point.
+        block_of (`dict[str, int]`): transformer block index of each point (−1 for the patch embedding).
+        bits (`int`): the budget b, between 3 and 7 so that b−1 and b+1 stay within 2..8.
+        first_blocks (`int`, *optional*, defaults to 2): how many leading blocks get b+1 bits.
+
+    Returns:
+        `dict[str, int]`: ``{point: w_bits}``.
+
+    Raises:
+        ValueError: on malformed input, or if even dropping every other point cannot pay for the first
+            blocks (their parameters outnumber the rest).
+    """
+    params = _check_params(params)
+    scores = _check_importance(importance, params)
+    _check_same_keys("block_of", block_of, params)
+    for name, block in block_of.items():
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)):
+            raise ValueError(f"block_of[{name!r}] must be an integer block index, got {block!r}.")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not _MIN_BITS + 1 <= bits <= _MAX_BITS - 1:
+        raise ValueError(f"bits must be an integer between {_MIN_BITS + 1} and {_MAX_BITS - 1} so that bits-1 and "
+                         f"bits+1 stay within {_MIN_BITS}..{_MAX_BITS}, got {bits!r}.")
+    if isinstance(first_blocks, bool) or not isinstance(first_blocks, int) or first_blocks < 0:
+        raise ValueError(f"first_blocks must be a non-negative integer, got {first_blocks!r}.")
+
+    plan = {name: bits + 1 if 0 <= block_of[name] < first_blocks else bits for name in params}
+    budget = bits * sum(params.values())
+    total = sum(params[n] * plan[n] for n in params)
+    droppable = sorted((n for n in params if plan[n] == bits), key=lambda n: (scores[n], n))
+    for name in droppable:
+        if total <= budget:
+            break
+        plan[name] = bits - 1
+        total -= params[name]
+    if total > budget:
+        first = sum(params[n] for n in params if plan[n] == bits + 1)
+        raise ValueError(f"Cannot keep the average at {bits} bits: the first {first_blocks} block(s) hold {first} "
+                         f"weight parameters, more than the {sum(params.values()) - first} that can drop to "
+                         f"{bits - 1} bits. Use fewer first_blocks.")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------- knapsack
+
+def budget_allocation(
+    importance: Mapping[str, float],
+    params: Mapping[str, int],
+    errors: Mapping[str, Mapping[int, float]],
+    avg_bits: float,
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+) -> dict[str, int]:
+    """Exact importance-weighted allocation under a size budget (multiple-choice knapsack).
+
+    With binary x_{l,b} (one-hot per point, Σ_b x_{l,b} = 1), maximise
+    Σ_l I_l · (e_l[b_min] − e_l[b_l]) subject to Σ_l n_l·b_l <= ⌊avg_bits · Σ_l n_l⌋, solved with
+    ``scipy.optimize.milp`` (HiGHS, ``mip_rel_gap=0``). The solver's rounded solution is re-checked in exact
+    integer arithmetic (and the budget tightened and re-solved if a tolerance let it slip).
+
+    Args:
+        importance (`dict[str, float]`): I_l of each point (finite, >= 0).
+        params (`dict[str, int]`): number of weight parameters n_l of each point.
+        errors (`dict[str, dict[int, float]]`): measured quantization error e_l[b] of each point at each
+            candidate b (see ``weight_quantization_errors``); finite, >= 0.
+        avg_bits (`float`): the budget, as parameter-weighted average weight bits (>= min candidate).
+        candidates (`Sequence[int]`, *optional*, defaults to (3, 4, 5, 6, 8)): allowed bit widths (2..8).
+
+    Returns:
+        `dict[str, int]`: ``{point: w_bits}``.
+    """
+    params = _check_params(params)
+    scores = _check_importance(importance, params)
+    cands = _check_candidates(candidates)
+    _check_same_keys("errors", errors, params)
+    for name in params:
+        row = errors[name]
+        if not isinstance(row, Mapping) or any(b not in row for b in cands):
+            raise ValueError(f"errors[{name!r}] must give an error for every candidate {list(cands)}, got "
+                             f"{row!r}.")
+        for b in cands:
+            e = float(row[b])
+            if not math.isfinite(e) or e < 0:
+                raise ValueError(f"errors[{name!r}][{b}] must be finite and >= 0, got {row[b]!r}.")
+    if isinstance(avg_bits, bool) or not isinstance(avg_bits, (int, float)) or not math.isfinite(avg_bits):
+        raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}.")
+    lo, hi = cands[0], cands[-1]
+    if avg_bits < lo:
+        raise ValueError(f"avg_bits={avg_bits} is infeasible with candidates {list(cands)}: feasible budgets are "
+                         f"between {lo} and {hi} average bits (a budget above {hi} gives every point {hi} bits).")
+
+    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy >= 1.9
+
+    names = list(params)
+    total = sum(params.values())
+    # budget in integer parameter-bits above the all-minimum plan, in units of gcd(n_l) (exact)
+    step = math.gcd(*params.values())
+    n = [params[k] // step for k in names]
+    limit = (math.floor(Fraction(avg_bits) * total) - lo * total) // step
+    nl, nb = len(names), len(cands)
+    gain = np.array([[scores[k] * (float(errors[k][lo]) - float(errors[k][b])) for b in cands] for k in names])
+    scale = np.abs(gain).max()
+    # minimise −gain, normalised to max |c| = 1: HiGHS' tolerances (incl. its 1e-6 absolute MIP gap) are absolute
+    c = -(gain / scale if scale > 0 else gain).ravel()
+    one_hot = LinearConstraint(np.kron(np.eye(nl), np.ones((1, nb))), 1, 1)
+    size = np.array([[ni * (b - lo) for b in cands] for ni in n], dtype=float).reshape(1, -1)
+    cap = limit
+    for _ in range(8):
+        res = milp(c, integrality=np.ones(nl * nb), bounds=Bounds(0, 1),
+                   constraints=[one_hot, LinearConstraint(size, -np.inf, cap)], options={"mip_rel_gap": 0.0, "presolve": True})
+        if res.x is None:
+            raise RuntimeError(f"scipy.optimize.milp failed on a feasible budget: {res.message}")
+        plan_idx = np.asarray(res.x).reshape(nl, nb).argmax(axis=1)
+        used = sum(ni * (cands[j] - lo) for ni, j in zip(n, plan_idx))
+        if used <= limit:
+            break
+        cap -= used - limit  # a feasibility tolerance let the budget slip: tighten and re-solve
+    else:
+        raise RuntimeError("scipy.optimize.milp did not return a plan within the exact budget.")
+    return {k: cands[j] for k, j in zip(names, plan_idx)}
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+@torch.no_grad()
+def weight_quantization_errors(
+    weights: Mapping[str, torch.Tensor],
+    candidates: Sequence[int] = DEFAULT_CANDIDATES,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+) -> dict[str, dict[int, float]]:
+    """Relative weight-quantization error e_l[b] = ‖Ŵ − W‖² / ‖W‖² for each point and candidate b.
+
+    Ŵ is per-output-channel uniform quantization with the percentile/MSE range search
+    (``search_uniform_params`` over the ``(fan_in, out_channels)`` view, as ``QuantLinear`` / ``QuantConv2d``
+    do). An all-zero weight has error 0.
+    """
+    cands = _check_candidates(candidates)
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("weights must be a non-empty dict {point: weight tensor}.")
+    out: dict[str, dict[int, float]] = {}
+    for name, w in weights.items():
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise ValueError(f"weights[{name!r}] must be a floating-point tensor, got {type(w).__name__}.")
+        if w.dim() not in (2, 4) or w.numel() == 0:
+            raise ValueError(f"weights[{name!r}] must be a non-empty 2-D Linear (out, in) or 4-D conv weight, "
+                             f"got shape {tuple(w.shape)}.")
+        cols = w.detach().float().reshape(w.shape[0], -1).t()
+        norm = cols.double().pow(2).sum().item()
+        row = {}
+        for b in cands:
+            scale, zero = search_uniform_params(cols, b, channelwise=True, percentiles=percentiles)
+            diff = (fake_quant_uniform(cols, scale, zero, b) - cols).double().pow(2).sum().item()
+            row[b] = diff / norm if norm > 0 else 0.0
+        out[name] = row
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- importance
+
+def importance_scores(
+    kind: str,
+    points: Sequence[str],
+    lrp: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Relative importance I_l (Σ_l I_l = 1) of ``points`` by criterion ``kind``.
+
+    ``"lrp"``: the given scores C_l normalised, I_l = C_l / Σ C (extra keys in ``lrp``, e.g. activation-only
+    points, are ignored); ``"random"``: u_l ~ U(0, 1] from ``numpy.random.default_rng(seed)`` assigned in
+    sorted point order, normalised (independent of the order of ``points``); ``"uniform"``: I_l = 1/n.
+    """
+    if kind not in IMPORTANCE_KINDS:
+        raise ValueError(f"Unknown importance kind {kind!r}; valid kinds are {list(IMPORTANCE_KINDS)}.")
+    if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or not points:
+        raise ValueError("points must be a non-empty list of point names.")
+    if len(set(points)) != len(points):
+        raise ValueError(f"points must be unique, got duplicates: {sorted({p for p in points if points.count(p) > 1})}.")
+    if kind == "uniform":
+        return {p: 1.0 / len(points) for p in points}
+    if kind == "random":
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        ordered = sorted(points)
+        values = 1.0 - np.random.default_rng(int(seed)).random(len(ordered))  # in (0, 1]
+        values = values / values.sum()
+        by_name = dict(zip(ordered, values.tolist()))
+        return {p: by_name[p] for p in points}
+    if not lrp:
+        raise ValueError("kind='lrp' needs the LRP scores: pass lrp={point: score}.")
+    missing = [p for p in points if p not in lrp]
+    if missing:
+        raise ValueError(f"The LRP scores are missing points: {missing}.")
+    raw = {}
+    for p in points:
+        try:
+            v = float(lrp[p])
+        except (TypeError, ValueError):
+            raise ValueError(f"lrp[{p!r}] must be a real number, got {lrp[p]!r}.") from None
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"lrp[{p!r}] must be finite and >= 0, got {lrp[p]!r}.")
+        raw[p] = v
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError("The LRP scores of the points sum to 0; cannot normalise them.")
+    return {p: v / total for p, v in raw.items()}
