@@ -78,7 +78,9 @@ class _Linear(torch.autograd.Function):
     """α1β0 for signed inputs: R_i = Σ_j (x_i⁺ w_ji⁺ + x_i⁻ w_ji⁻) / Z_j · R_j, Z_j = Σ_i (x_i⁺ w_ji⁺ + x_i⁻ w_ji⁻).
 
     The bias takes no relevance. Conservative except for outputs with Z_j = 0 (no positive contribution at all),
-    whose relevance is dropped."""
+    whose relevance is dropped. Z is summed from its non-negative terms: the shortcut
+    ½ (x·w + |x|·|w|) cancels catastrophically where Z ≈ 0.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, recorder):
@@ -91,13 +93,12 @@ class _Linear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         if ctx.recorder.mode == "grad":
             return signal @ weight, None, None, None
-        xs = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=-1)
-        ws = torch.cat([weight.clamp(min=0), weight.clamp(max=0)], dim=1)
-        z = F.linear(xs, ws)
-        c = (signal / stabilise(z)) @ ws
-        relevance = xs * c
+        x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        z = F.linear(x_pos, w_pos).add_(F.linear(x_neg, w_neg)).add_(EPS)  # Z ≥ 0
+        c = (signal / z) @ torch.cat([w_pos, w_neg], dim=1)
         n = x.shape[-1]
-        return relevance[..., :n] + relevance[..., n:], None, None, None
+        return (x_pos * c[..., :n]).add_(x_neg * c[..., n:]), None, None, None
 
 
 class _MatMul(torch.autograd.Function):
