@@ -33,53 +33,55 @@ from optimum_lrpqvit.outliers import channel_range_ratio, inject_outlier_channel
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STRESS_FACTORS = (10.0, 30.0, 100.0)
+Job = tuple[str, dict, int]  # (run key without seed, LRPQConfig kwargs, seed)
 
 
-def calibration_indices(seed: int, n: int, total: int) -> list[int]:
-    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].tolist()
+def sample_indices(seed: int, n: int, total: int, offset: int = 0) -> list[int]:
+    """``n`` seeded random training-image indices, from position ``offset`` of the seed's permutation."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[offset:offset + n].tolist()
 
 
-def run(args: argparse.Namespace) -> dict:
-    out_json = RESULTS / "accuracy.json"
+def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], name: str, num_eval: int,
+             num_calibration: int = 32, num_importance: int = 256) -> dict:
+    """Quantize and evaluate every job on every model variant; results are saved after each run."""
+    out_json = RESULTS / f"{name}.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results["command"] = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    results["command"] = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])
     data = load_fashion_mnist()
+    train = data["train"]
 
     def save() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results, indent=2) + "\n")
 
-    for model_dir in args.models:
-        name = Path(model_dir).name
+    for model_dir in model_dirs:
         base = AutoModelForImageClassification.from_pretrained(model_dir).eval()
         processor = AutoImageProcessor.from_pretrained(model_dir)
-        test = data["test"].select(range(args.num_eval))
-        pixels, labels = preprocess(test, processor)
-        for variant in ("original", "stress"):
+        pixels, labels = preprocess(data["test"].select(range(num_eval)), processor)
+        for variant in variants:
             model = copy.deepcopy(base)
             if variant == "stress":
                 inject_outlier_channels(model, STRESS_FACTORS)
-            key = f"{name}/{variant}"
+            key = f"{Path(model_dir).name}/{variant}"
             entry = results.setdefault(key, {"runs": {}})
-            ratios = channel_range_ratio(model, pixels[:32])
-            entry["channel_range_ratio_median"] = statistics.median(ratios.values())
+            entry["channel_range_ratio_median"] = statistics.median(channel_range_ratio(model, pixels[:32]).values())
             fp_logits = predict_logits(model, pixels, desc=f"{key} FP")
             entry["full_precision"] = fidelity(fp_logits, labels)
             save()
-            jobs = [(b, post, seed, None) for b in args.bits for post in args.post_ln
-                    for seed in (args.seeds if b == 4 else args.seeds[:1])]
-            jobs += [(4, "crl", seed, k) for k in args.crl_k for seed in args.seeds]
-            for bits, post, seed, k in jobs:
-                run_key = f"W{bits}A{bits}/{post}" + (f"/k={k:g}" if k is not None else "") + f"/seed={seed}"
+            for job_key, kwargs, seed in jobs:
+                run_key = f"{job_key}/seed={seed}"
                 if run_key in entry["runs"]:
                     continue
-                config = LRPQConfig(w_bits=bits, a_bits=bits, post_ln=post, **({"crl_k": k} if k else {}))
-                calib, _ = preprocess(data["train"], processor,
-                                      calibration_indices(seed, args.num_calibration, len(data["train"])),
+                config = LRPQConfig(seed=seed, **kwargs)
+                calib, _ = preprocess(train, processor, sample_indices(seed, num_calibration, len(train)),
                                       progress=False)
-                quantized = quantize(copy.deepcopy(model), config, calib)
+                importance = None
+                if config.mixed_precision and config.importance == "lrp":
+                    importance, _ = preprocess(train, processor, sample_indices(
+                        seed, num_importance, len(train), offset=num_calibration), progress=False)
+                quantized = quantize(copy.deepcopy(model), config, calib, importance_data=importance)
                 logits = predict_logits(quantized, pixels, desc=f"{key} {run_key}")
-                entry["runs"][run_key] = fidelity(logits, labels, fp_logits)
+                entry["runs"][run_key] = {**fidelity(logits, labels, fp_logits), **config.bit_plan_summary}
                 print(key, run_key, entry["runs"][run_key], flush=True)
                 save()
     return results
@@ -92,6 +94,7 @@ def _mean_std(values: list[float], digits: int) -> str:
 
 
 def markdown(results: dict) -> str:
+    """One table per model variant; runs that differ only in their seed are averaged (mean ± std)."""
     lines = [f"Command: `{results['command']}`", ""]
     for key, entry in results.items():
         if not isinstance(entry, dict) or "runs" not in entry:
@@ -99,31 +102,39 @@ def markdown(results: dict) -> str:
         fp = entry["full_precision"]["top1"]
         lines += [f"### {key} (FP top-1 {fp:.2f}%, widest/median post-LN channel range "
                   f"{entry['channel_range_ratio_median']:.1f}×)", "",
-                  "| W/A | post_ln | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |", "|---|---|---|---|---|---|"]
+                  "| W/A | method | avg w bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
+                  "|---|---|---|---|---|---|---|"]
         groups: dict[str, list[dict]] = {}
         for run_key, metrics in entry["runs"].items():
             groups.setdefault(run_key.rsplit("/seed=", 1)[0], []).append(metrics)
         for group, runs in groups.items():
-            wa, post = group.split("/", 1)
-            lines.append(f"| {wa[1:].replace('A', '/')} | {post} | {_mean_std([r['top1'] for r in runs], 2)} | "
-                         f"{_mean_std([r['agreement'] for r in runs], 2)} | {_mean_std([r['kl'] for r in runs], 4)} "
-                         f"| {len(runs)} |")
+            wa, method = group.split("/", 1)
+            lines.append(f"| {wa[1:].replace('A', '/')} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
+                         f"{_mean_std([r['top1'] for r in runs], 2)} | {_mean_std([r['agreement'] for r in runs], 2)} "
+                         f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |")
         lines.append("")
     return "\n".join(lines)
 
 
+def default_models() -> list[str]:
+    return sorted(str(p) for p in (ROOT / "reference_models").iterdir() if (p / "config.json").exists())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+",
-                        default=sorted(str(p) for p in (ROOT / "reference_models").iterdir() if p.is_dir()))
+    parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
     parser.add_argument("--post-ln", nargs="+", default=["layerwise", "channelwise", "repq", "crl"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--crl-k", nargs="*", type=float, default=[])
-    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--variants", nargs="+", default=["original", "stress"], choices=["original", "stress"])
     parser.add_argument("--num-eval", type=int, default=10_000)
     args = parser.parse_args()
-    results = run(args)
+    jobs: list[Job] = [(f"W{b}A{b}/{post}", {"w_bits": b, "a_bits": b, "post_ln": post}, seed)
+                       for b in args.bits for post in args.post_ln
+                       for seed in (args.seeds if b == 4 else args.seeds[:1])]
+    jobs += [(f"W4A4/crl k={k:g}", {"post_ln": "crl", "crl_k": k}, seed) for k in args.crl_k for seed in args.seeds]
+    results = run_jobs(args.models or default_models(), jobs, tuple(args.variants), "accuracy", args.num_eval)
     table = markdown(results)
     (RESULTS / "accuracy.md").write_text(table + "\n")
     print(table)
