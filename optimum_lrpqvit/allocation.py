@@ -163,8 +163,9 @@ def budget_allocation(
 
     With binary x_{l,b} (one-hot per point, Σ_b x_{l,b} = 1), maximise
     Σ_l I_l · (e_l[b_min] − e_l[b_l]) subject to Σ_l n_l·b_l <= ⌊avg_bits · Σ_l n_l⌋, solved with
-    ``scipy.optimize.milp`` (HiGHS, ``mip_rel_gap=0``). The solver's rounded solution is re-checked in exact
-    integer arithmetic (and the budget tightened and re-solved if a tolerance let it slip).
+    ``scipy.optimize.milp`` (HiGHS, ``mip_rel_gap=0``; the objective is normalised to max |c| = 1, so HiGHS'
+    fixed absolute gap of 1e-6 is relative to the largest single-point gain). The solver's rounded solution is
+    re-checked in exact integer arithmetic (the budget is tightened and re-solved if a tolerance let it slip).
 
     Args:
         importance (`dict[str, float]`): I_l of each point (finite, >= 0).
@@ -197,7 +198,10 @@ def budget_allocation(
         raise ValueError(f"avg_bits={avg_bits} is infeasible with candidates {list(cands)}: feasible budgets are "
                          f"between {lo} and {hi} average bits (a budget above {hi} gives every point {hi} bits).")
 
-    from scipy.optimize import Bounds, LinearConstraint, milp  # scipy >= 1.9
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError as err:
+        raise ImportError("budget_allocation needs scipy >= 1.9 (scipy.optimize.milp): pip install scipy") from err
 
     names = list(params)
     total = sum(params.values())
@@ -212,11 +216,13 @@ def budget_allocation(
     c = -(gain / scale if scale > 0 else gain).ravel()
     one_hot = LinearConstraint(np.kron(np.eye(nl), np.ones((1, nb))), 1, 1)
     size = np.array([[ni * (b - lo) for b in cands] for ni in n], dtype=float).reshape(1, -1)
+    # presolve off: HiGHS' MIP presolve prints debug lines to stdout (scipy 1.17) and was slower on large plans
+    options = {"mip_rel_gap": 0.0, "presolve": False}
     cap = limit
     for _ in range(8):
         res = milp(c, integrality=np.ones(nl * nb), bounds=Bounds(0, 1),
-                   constraints=[one_hot, LinearConstraint(size, -np.inf, cap)], options={"mip_rel_gap": 0.0, "presolve": True})
-        if res.x is None:
+                   constraints=[one_hot, LinearConstraint(size, -np.inf, cap)], options=options)
+        if not res.success or res.x is None:
             raise RuntimeError(f"scipy.optimize.milp failed on a feasible budget: {res.message}")
         plan_idx = np.asarray(res.x).reshape(nl, nb).argmax(axis=1)
         used = sum(ni * (cands[j] - lo) for ni, j in zip(n, plan_idx))
@@ -282,7 +288,8 @@ def importance_scores(
     if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or not points:
         raise ValueError("points must be a non-empty list of point names.")
     if len(set(points)) != len(points):
-        raise ValueError(f"points must be unique, got duplicates: {sorted({p for p in points if points.count(p) > 1})}.")
+        duplicates = sorted({p for p in points if points.count(p) > 1})
+        raise ValueError(f"points must be unique, got duplicates: {duplicates}.")
     if kind == "uniform":
         return {p: 1.0 / len(points) for p in points}
     if kind == "random":
