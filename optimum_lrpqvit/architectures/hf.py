@@ -8,6 +8,8 @@ function is registered under ``"lrpqvit"`` and selected per model instance with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import (
@@ -130,7 +132,7 @@ class _HFFamily(Family):
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
 
-    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         forward = _swin_layer_forward if isinstance(model, SwinForImageClassification) else _vit_layer_forward
         return [(m, forward) for m in model.modules() if isinstance(m, self.layer_classes)]
 

@@ -7,13 +7,15 @@ block has ``norm1`` → ``attn.qkv``, ``attn.proj``, ``norm2`` → ``mlp.fc1``, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
 from torch import nn
 
 from ..relevance import residual_add
-from .base import Family, Layout, quantized_attention
-from .timm_vit import install_instance_forward, remove_instance_forward
+from .base import Layout, quantized_attention
+from .timm_common import TimmFamily, block_points
 
 __all__ = ["TIMM_SWIN"]
 
@@ -38,45 +40,30 @@ def _block_forward(self, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, height, width, channels)
 
 
-class _TimmSwin(Family):
+class _TimmSwin(TimmFamily):
     name = "timm SwinTransformer"
+    attention_forward = _window_attention_forward
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, SwinTransformer)
 
     def layout(self, model: nn.Module) -> Layout:
-        post_ln, linears, attentions, block_of = [], [], [], {"patch_embed.proj": -1}
+        layout = Layout([], [], "patch_embed.proj", [], {"patch_embed.proj": -1})
         block = -1
         for s, stage in enumerate(model.layers):
             if isinstance(stage.downsample, PatchMerging):
-                post_ln.append((f"layers.{s}.downsample.norm", [f"layers.{s}.downsample.reduction"]))
-                block_of[f"layers.{s}.downsample.reduction"] = block
+                # merging belongs to the stage it closes
+                layout.post_ln.append((f"layers.{s}.downsample.norm", [f"layers.{s}.downsample.reduction"]))
+                layout.block_of[f"layers.{s}.downsample.reduction"] = block
             for b, _ in enumerate(stage.blocks):
                 block += 1
-                p = f"layers.{s}.blocks.{b}"
-                post_ln += [(f"{p}.norm1", [f"{p}.attn.qkv"]), (f"{p}.norm2", [f"{p}.mlp.fc1"])]
-                linears += [f"{p}.attn.proj", f"{p}.mlp.fc2"]
-                attentions.append(f"{p}.attn")
-                points = [f"{p}.attn.qkv", f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.fc2"]
-                points += [f"{p}.attn.{m}" for m in ("matmul1", "softmax", "matmul2")]
-                block_of.update(dict.fromkeys(points, block))
+                block_points(f"layers.{s}.blocks.{b}", block, layout)
         if isinstance(getattr(model.head, "fc", None), nn.Linear):
-            linears.append("head.fc")
-            block_of["head.fc"] = block + 1
-        return Layout(post_ln, linears, "patch_embed.proj", attentions, block_of)
+            layout.linears.append("head.fc")
+            layout.block_of["head.fc"] = block + 1
+        return layout
 
-    def install_attention(self, model: nn.Module, layout: Layout) -> None:
-        for name in layout.attentions:
-            install_instance_forward(model.get_submodule(name), _window_attention_forward)
-
-    def remove_attention(self, model: nn.Module, layout: Layout) -> None:
-        for name in layout.attentions:
-            remove_instance_forward(model.get_submodule(name))
-
-    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values)
-
-    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         return [(block, _block_forward) for stage in model.layers for block in stage.blocks]
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:

@@ -6,7 +6,7 @@ and, for DeiT, ``head_dist``. Attention is intercepted by replacing ``forward`` 
 
 from __future__ import annotations
 
-import types
+from collections.abc import Callable
 
 import torch
 from timm.layers import Attention
@@ -14,18 +14,10 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..relevance import residual_add
-from .base import Family, Layout, quantized_attention
+from .base import Layout, quantized_attention
+from .timm_common import TimmFamily, block_points
 
-__all__ = ["TIMM_VIT", "install_instance_forward", "remove_instance_forward"]
-
-
-def install_instance_forward(module: nn.Module, forward) -> None:
-    """Replace ``forward`` on this instance only (the class and every other instance are untouched)."""
-    module.forward = types.MethodType(forward, module)
-
-
-def remove_instance_forward(module: nn.Module) -> None:
-    module.__dict__.pop("forward", None)
+__all__ = ["TIMM_VIT"]
 
 
 def _attention_forward(self: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -47,44 +39,28 @@ def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
     return residual_add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
-class _TimmViT(Family):
+class _TimmViT(TimmFamily):
     name = "timm VisionTransformer (ViT/DeiT)"
+    attention_forward = _attention_forward
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
 
     def layout(self, model: nn.Module) -> Layout:
-        post_ln, linears, attentions, block_of = [], [], [], {"patch_embed.proj": -1}
+        layout = Layout([], [], "patch_embed.proj", [], {"patch_embed.proj": -1})
         for i, blk in enumerate(model.blocks):
             attn = getattr(blk, "attn", None)
             if type(attn) is not Attention or attn.gate is not None:
                 raise TypeError(f"timm block {i} uses {type(attn).__name__}; only the standard timm `Attention` "
                                 "(without gating) is supported.")
-            p = f"blocks.{i}"
-            post_ln += [(f"{p}.norm1", [f"{p}.attn.qkv"]), (f"{p}.norm2", [f"{p}.mlp.fc1"])]
-            linears += [f"{p}.attn.proj", f"{p}.mlp.fc2"]
-            attentions.append(f"{p}.attn")
-            points = [f"{p}.attn.qkv", f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.fc2"]
-            points += [f"{p}.attn.{m}" for m in ("matmul1", "softmax", "matmul2")]
-            block_of.update(dict.fromkeys(points, i))
+            block_points(f"blocks.{i}", i, layout)
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
-                linears.append(head)
-                block_of[head] = len(model.blocks)
-        return Layout(post_ln, linears, "patch_embed.proj", attentions, block_of)
+                layout.linears.append(head)
+                layout.block_of[head] = len(model.blocks)
+        return layout
 
-    def install_attention(self, model: nn.Module, layout: Layout) -> None:
-        for name in layout.attentions:
-            install_instance_forward(model.get_submodule(name), _attention_forward)
-
-    def remove_attention(self, model: nn.Module, layout: Layout) -> None:
-        for name in layout.attentions:
-            remove_instance_forward(model.get_submodule(name))
-
-    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values)
-
-    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         return [(block, _block_forward) for block in model.blocks]
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:

@@ -5,6 +5,7 @@ The wrapped ``timm_model`` is handled by the timm adapters; point names carry th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -29,8 +30,8 @@ def _inner(model: nn.Module) -> Family:
 
 
 def _strip(layout: Layout) -> Layout:
-    n = len(_PREFIX)
-    return replace(layout, attentions=[a[n:] for a in layout.attentions])
+    """The layout as the wrapped timm model names it (only the attention names are needed there)."""
+    return replace(layout, attentions=[a[len(_PREFIX):] for a in layout.attentions])
 
 
 class _TimmWrapper(Family):
@@ -60,7 +61,7 @@ class _TimmWrapper(Family):
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
 
-    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, object]]:
+    def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         return _inner(model).block_forwards(model.timm_model)
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
