@@ -1,0 +1,5 @@
+"""Thin layers that plug optimum-lrpqvit into other libraries; importing this package registers them."""
+
+from .transformers import LRPQHfQuantizer, register
+
+__all__ = ["LRPQHfQuantizer", "register"]

@@ -1,0 +1,94 @@
+"""transformers integration: ``LRPQConfig`` and ``LRPQHfQuantizer`` registered as quantization method ``"lrpqvit"``.
+
+With them, ``AutoModelForImageClassification.from_pretrained(packed_dir)`` rebuilds a model saved by
+``hub.save_quantized`` (or by ``save_pretrained`` of a model loaded that way): transformers builds the float
+skeleton on the meta device, the before-loading hook quantizes it with the saved bit plan and gives it exactly the
+checkpoint's tensors (packed weights as buffers, see ``hub.prepare_packed_loading``), transformers' own loader fills
+them from ``model.safetensors``, and the after-loading hook unpacks the weights (``hub.finish_packed_loading``).
+``get_state_dict_and_metadata`` makes ``save_pretrained`` write the packed format.
+
+Calibrating a float checkpoint at load (``from_pretrained(float_dir, quantization_config=LRPQConfig(...))``) is
+not supported yet; use ``optimum_lrpqvit.quantize``.
+
+Written against the quantizer lifecycle of transformers 5.x (tested with 5.24): ``preprocess_model`` passes
+``checkpoint_files`` to ``_process_model_before_weight_loading`` on a meta-device model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers import auto as _auto
+from transformers.quantizers.base import HfQuantizer
+
+from ..config import QUANT_METHOD, LRPQConfig
+from ..hub import finish_packed_loading, packed_state_dict, prepare_packed_loading, read_checkpoint
+
+__all__ = ["LRPQHfQuantizer", "register"]
+
+
+class LRPQHfQuantizer(HfQuantizer):
+    """Loads and saves optimum-lrpqvit packed checkpoints through ``from_pretrained`` / ``save_pretrained``."""
+
+    requires_calibration = False
+    quantization_config: LRPQConfig
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise ValueError(
+                "optimum-lrpqvit cannot yet calibrate a float checkpoint inside from_pretrained: load the float "
+                "model, then call optimum_lrpqvit.quantize(model, LRPQConfig(...), calibration_data).")
+        if not self.quantization_config.bit_plan:
+            raise ValueError("The lrpqvit quantization_config of this checkpoint has no bit_plan, so it was not saved "
+                             "by optimum-lrpqvit; save the quantized model again with optimum_lrpqvit.hub.save_quantized.")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None,
+                                             **kwargs: Any):
+        from ..hub import _key_renamer  # the key names transformers' loader will use for this model
+
+        if not checkpoint_files:
+            raise ValueError("An lrpqvit checkpoint is loaded from its model.safetensors; from_pretrained found no "
+                             "checkpoint file (state_dict= is not supported).")
+        tensors = read_checkpoint(checkpoint_files)
+        rename = _key_renamer(model, tensors)
+        specs = {rename(k): v for k, v in tensors.items()}
+        prepare_packed_loading(model, self.quantization_config, specs, ", ".join(map(str, checkpoint_files)))
+        self._source = ", ".join(map(str, checkpoint_files))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        finish_packed_loading(model, getattr(self, "_source", "checkpoint"))
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return packed_state_dict(model)
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _register(mapping: dict, decorator, cls: type) -> None:
+    current = mapping.get(QUANT_METHOD)
+    if current is cls:
+        return
+    if current is None:
+        decorator(QUANT_METHOD)(cls)
+    elif (current.__module__, current.__qualname__) == (cls.__module__, cls.__qualname__):
+        mapping[QUANT_METHOD] = cls  # our own class from an earlier import of a reloaded module
+    else:
+        raise ValueError(f"transformers already has a quantization method {QUANT_METHOD!r} registered by "
+                         f"{current.__module__}.{current.__qualname__}; optimum-lrpqvit cannot register its own.")
+
+
+def register() -> None:
+    """Register ``LRPQConfig`` and ``LRPQHfQuantizer`` under ``"lrpqvit"`` (idempotent; transformers' own
+    ``register_*`` functions raise on a second registration of a name)."""
+    _register(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _auto.register_quantization_config, LRPQConfig)
+    _register(_auto.AUTO_QUANTIZER_MAPPING, _auto.register_quantizer, LRPQHfQuantizer)
+
+
+register()
