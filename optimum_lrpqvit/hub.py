@@ -45,6 +45,7 @@ from .quantizers import check_bits
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "canonical_tensors",
     "checkpoint_sizes",
     "finish_packed_loading",
     "load_quantized",
@@ -275,6 +276,20 @@ def _key_renamer(model: nn.Module, keys: Iterable[str]) -> Callable[[str], str]:
     return lambda k: rename_source_key(k, renamings, [])[0]
 
 
+def canonical_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                      source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The checkpoint's tensors under this model's state-dict keys, and model key → stored key."""
+    rename = _key_renamer(model, tensors)
+    renamed: dict[str, torch.Tensor] = {}
+    stored: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        new = rename(key)
+        if new in renamed:
+            raise ValueError(f"{source}: {stored[new]} and {key} both load into {new}; {_RESAVE}.")
+        renamed[new], stored[new] = tensor, key
+    return renamed, stored
+
+
 # --- loading ------------------------------------------------------------------------------------------------------
 
 
@@ -393,11 +408,12 @@ def _check_tensors(model: nn.Module, plan: Mapping, specs: Mapping[str, _Spec], 
     missing, extra = sorted(set(expected) - set(specs)), sorted(set(specs) - set(expected))
     if missing:
         raise ValueError(f"{source} lacks {len(missing)} tensor(s) that this model and the bit plan in config.json "
-                         f"need, e.g. {[label(k) for k in missing[:5]]}; the weights are incomplete or belong to another config; "
-                         f"{_RESAVE}.")
+                         f"need, e.g. {[label(k) for k in missing[:5]]}; the weights are incomplete or belong to "
+                         f"another config; {_RESAVE}.")
     if extra:
         raise ValueError(f"{source} holds {len(extra)} tensor(s) that this model and the bit plan in config.json do "
-                         f"not have, e.g. {[label(k) for k in extra[:5]]}; the weights belong to another model or config; {_RESAVE}.")
+                         f"not have, e.g. {[label(k) for k in extra[:5]]}; the weights belong to another model or "
+                         f"config; {_RESAVE}.")
     modules = _weight_modules(model)
     for key, want in expected.items():
         got = specs[key]
@@ -511,10 +527,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
         raise TypeError(f"Unexpected arguments when loading into a model instance: {sorted(from_pretrained_kwargs)}.")
     files = _weight_files(directory)
     source = ", ".join(files)
-    tensors = read_checkpoint(files)
-    rename = _key_renamer(model, tensors)
-    tensors = {rename(k): v for k, v in tensors.items()}
-    prepare_packed_loading(model, config, tensors, source)
+    tensors, stored_names = canonical_tensors(model, read_checkpoint(files), source)
+    prepare_packed_loading(model, config, tensors, source, stored_names)
     model.load_state_dict(tensors, strict=True)
     finish_packed_loading(model, source)
     model.eval()

@@ -22,7 +22,13 @@ from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 
 from ..config import QUANT_METHOD, LRPQConfig
-from ..hub import finish_packed_loading, packed_state_dict, prepare_packed_loading, read_checkpoint
+from ..hub import (
+    canonical_tensors,
+    finish_packed_loading,
+    packed_state_dict,
+    prepare_packed_loading,
+    read_checkpoint,
+)
 
 __all__ = ["LRPQHfQuantizer", "register"]
 
@@ -44,16 +50,13 @@ class LRPQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any):
-        from ..hub import _key_renamer  # the key names transformers' loader will use for this model
-
         if not checkpoint_files:
             raise ValueError("An lrpqvit checkpoint is loaded from its model.safetensors; from_pretrained found no "
                              "checkpoint file (state_dict= is not supported).")
-        tensors = read_checkpoint(checkpoint_files)
-        rename = _key_renamer(model, tensors)
-        specs = {rename(k): v for k, v in tensors.items()}
-        prepare_packed_loading(model, self.quantization_config, specs, ", ".join(map(str, checkpoint_files)))
         self._source = ", ".join(map(str, checkpoint_files))
+        # the tensors under the names transformers' loader will give them (it renames legacy checkpoint keys)
+        tensors, stored_names = canonical_tensors(model, read_checkpoint(checkpoint_files), self._source)
+        prepare_packed_loading(model, self.quantization_config, tensors, self._source, stored_names)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
