@@ -25,7 +25,7 @@ from .architectures import Family, Layout, find_family
 from .inputs import as_pixel_values
 from .nn import QuantConv2d, QuantLinear, QuantMatMul
 
-__all__ = ["compute_importance", "image_contributions", "importance_points", "relevance_and_gradients", "scoring"]
+__all__ = ["compute_importance", "image_contributions", "relevance_and_gradients", "scoring"]
 
 try:  # timm's LayerScale multiplies by γ: relevance passes through it
     from timm.layers import LayerScale as _TimmLayerScale
@@ -37,14 +37,6 @@ _ELEMENTWISE = (nn.LayerNorm, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, _T
 
 def _is_elementwise(module: nn.Module) -> bool:
     return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
-
-
-def importance_points(layout: Layout) -> list[str]:
-    """Every quantized point of ``layout``, named as in the bit plan."""
-    points = [layout.patch_embed]
-    points += [n for _, names in layout.post_ln for n in names] + list(layout.linears)
-    points += [f"{a}.{p}" for a in layout.attentions for p in ("matmul1", "softmax", "matmul2")]
-    return points
 
 
 def _install(module: nn.Module, forward) -> None:
@@ -76,8 +68,7 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
     layout = family.layout(model)
     recorder = relevance.Recorder()
     names = {name: module for name, module in model.named_modules()}
-    for point in [layout.patch_embed, *[n for _, ns in layout.post_ln for n in ns], *layout.linears,
-                  *layout.attentions]:
+    for point in [*layout.weight_points(), *layout.attentions]:
         recorder.names[id(names[point])] = point
     patched = [(names[layout.patch_embed], _patch_embed_forward)]
     patched += [(m, _linear_forward) for m in model.modules() if isinstance(m, nn.Linear)]
@@ -129,7 +120,7 @@ def image_contributions(
     """
     layout, recorder = relevance_and_gradients(model, pixel_values, targets)
     out = {}
-    for point in importance_points(layout):
+    for point in layout.points():
         m = (recorder.captured["grad"][point] * recorder.captured["relevance"][point]).clamp_(min=0)
         # window attention (Swin) puts images × windows in dim 0, images first: mean per image
         out[point] = m.reshape(len(pixel_values), -1).mean(1).cpu()

@@ -14,7 +14,7 @@ from .allocation import budget_allocation, importance_scores, paper_allocation, 
 from .architectures import Family, Layout, find_family
 from .config import LRPQConfig
 from .inputs import as_pixel_values
-from .lrp import compute_importance, importance_points
+from .lrp import compute_importance
 from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
 from .reparam import clip_channel_params, reparam_factors, reparameterize
 
@@ -28,12 +28,9 @@ BitPlan = dict[str, dict[str, int | None]]
 
 def fixed_bit_plan(layout: Layout, w_bits: int, a_bits: int) -> BitPlan:
     """Every point at (w_bits, a_bits); the patch embedding's input at 8 bits."""
-    plan: BitPlan = {layout.patch_embed: {"w_bits": w_bits, "a_bits": PATCH_EMBED_A_BITS}}
-    for _, names in layout.post_ln:
-        plan.update({n: {"w_bits": w_bits, "a_bits": a_bits} for n in names})
-    plan.update({n: {"w_bits": w_bits, "a_bits": a_bits} for n in layout.linears})
-    for attn in layout.attentions:
-        plan.update({f"{attn}.{p}": {"w_bits": None, "a_bits": a_bits} for p in ("matmul1", "softmax", "matmul2")})
+    plan: BitPlan = {p: {"w_bits": w_bits, "a_bits": a_bits} for p in layout.weight_points()}
+    plan[layout.patch_embed]["a_bits"] = PATCH_EMBED_A_BITS
+    plan.update({p: {"w_bits": None, "a_bits": a_bits} for p in layout.points() if p not in plan})
     return plan
 
 
@@ -45,7 +42,7 @@ def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importa
     the paper rule.
     """
     plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
-    weighted = [p for p, bits in plan.items() if bits["w_bits"] is not None]
+    weighted = layout.weight_points()
     params = {p: model.get_submodule(p).weight.numel() for p in weighted}
     scores = {p: importance[p] for p in weighted}
     if config.allocation == "paper":
@@ -68,14 +65,13 @@ def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importa
 
 def layer_importance(model: nn.Module, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> dict[str, float]:
     """Relative importance of every quantized point by ``config.importance`` (seeded)."""
-    points = importance_points(layout)
     lrp_scores = None
     if config.importance == "lrp":
         if config.num_importance_samples is not None and config.num_importance_samples < len(pixels):
             generator = torch.Generator().manual_seed(config.seed)
             pixels = pixels[torch.randperm(len(pixels), generator=generator)[: config.num_importance_samples]]
         lrp_scores = compute_importance(model, pixels)
-    return importance_scores(config.importance, points, lrp_scores, config.seed)
+    return importance_scores(config.importance, layout.points(), lrp_scores, config.seed)
 
 
 def bit_plan_summary(model: nn.Module, plan: BitPlan) -> dict[str, float]:
