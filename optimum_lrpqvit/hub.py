@@ -47,6 +47,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "canonical_tensors",
     "checkpoint_sizes",
+    "content_digest",
     "finish_packed_loading",
     "load_quantized",
     "pack_weight",
@@ -61,7 +62,6 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 VERSION_KEY = "lrpqvit_format_version"
 DIGEST_KEY = "lrpqvit_sha256"
-PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point")
 _INT16 = (-(2**15), 2**15 - 1)
 _RESAVE = "save the quantized model again with `optimum_lrpqvit.hub.save_quantized` (or download it again)"
 _WeightModule = QuantLinear | QuantConv2d
@@ -126,7 +126,7 @@ def _applied_config(model: nn.Module) -> LRPQConfig:
     return config
 
 
-def _content_digest(tensors: Iterable[torch.Tensor]) -> str:
+def content_digest(tensors: Iterable[torch.Tensor]) -> str:
     """SHA-256 over every tensor's dtype, shape and bytes, independent of names and order."""
     parts = []
     for tensor in tensors:
@@ -152,7 +152,7 @@ def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         state.update({f"{name}.weight_packed": packed, f"{name}.weight_scale": scale,
                       f"{name}.weight_zero_point": zero_point})
     state = {k: v.contiguous() for k, v in state.items()}
-    metadata = {"format": "pt", VERSION_KEY: str(FORMAT_VERSION), DIGEST_KEY: _content_digest(state.values())}
+    metadata = {"format": "pt", VERSION_KEY: str(FORMAT_VERSION), DIGEST_KEY: content_digest(state.values())}
     return state, metadata
 
 
@@ -250,7 +250,7 @@ def read_checkpoint(files: str | os.PathLike | Iterable[str | os.PathLike]) -> d
             digests[path] = metadata[DIGEST_KEY]
     if len(set(digests.values())) > 1:
         raise OSError(f"The shards {sorted(digests)} come from different saves; {_RESAVE}.")
-    if digests and _content_digest(tensors.values()) != next(iter(digests.values())):
+    if digests and content_digest(tensors.values()) != next(iter(digests.values())):
         raise OSError(f"{', '.join(files)}: the tensor data does not match the digest written at save time, the file "
                       f"is corrupted; {_RESAVE}.")
     return tensors
@@ -302,22 +302,24 @@ class _Spec:
 def _check_plan(config: LRPQConfig, layout: Layout, source: str) -> dict[str, dict[str, int | None]]:
     plan = config.bit_plan
     if not isinstance(plan, dict) or not plan:
-        raise ValueError(f"{source}: quantization_config has no bit_plan, so this is not a packed checkpoint saved "
-                         f"by optimum-lrpqvit; {_RESAVE}.")
+        raise ValueError(f"config.json of {source}: quantization_config has no bit_plan, so this is not a packed "
+                         f"checkpoint saved by optimum-lrpqvit; {_RESAVE}.")
     expected = fixed_bit_plan(layout, 4, 4)
     missing, extra = sorted(set(expected) - set(plan)), sorted(set(plan) - set(expected))
     if missing or extra:
-        raise ValueError(f"{source}: the bit plan does not fit this model (points it lacks: {missing[:5]}, unknown "
-                         f"points: {extra[:5]}); the config was saved for another architecture.")
+        raise ValueError(f"config.json of {source}: the bit plan does not fit this model (points it lacks: "
+                         f"{missing[:5]}, unknown points: {extra[:5]}); config.json was saved for another "
+                         f"architecture; {_RESAVE}.")
+    where = f"config.json of {source}: bit plan"
     for point, bits in plan.items():
         if not isinstance(bits, dict):
-            raise ValueError(f"{source}: bit plan entry {point!r} must be a dict, got {bits!r}.")
-        check_bits(bits.get("a_bits"), f"{source}: bit plan {point!r} a_bits")
+            raise ValueError(f"{where} entry {point!r} must be a dict, got {bits!r}.")
+        check_bits(bits.get("a_bits"), f"{where} {point!r} a_bits")
         if expected[point]["w_bits"] is None:
             if bits.get("w_bits") is not None:
-                raise ValueError(f"{source}: bit plan {point!r} has no weights but says w_bits={bits['w_bits']!r}.")
+                raise ValueError(f"{where} {point!r} has no weights but says w_bits={bits['w_bits']!r}.")
         else:
-            check_bits(bits.get("w_bits"), f"{source}: bit plan {point!r} w_bits")
+            check_bits(bits.get("w_bits"), f"{where} {point!r} w_bits")
     return plan
 
 
@@ -387,7 +389,7 @@ def prepare_packed_loading(model: nn.Module, config: LRPQConfig, specs: Mapping[
     prepare_model(model, family, layout, plan, config)
     for name, module in _weight_modules(model).items():
         stored = specs.get(f"{name}.weight_zero_point")
-        zero_dtype = stored.dtype if stored is not None and stored.dtype in (torch.int16, torch.float32) else torch.int16
+        zero_dtype = stored.dtype if stored is not None and stored.dtype == torch.float32 else torch.int16
         _to_packed_form(module, plan[name]["w_bits"], zero_dtype)
     for name, (quantizer, owner) in _activation_quantizers(model).items():
         tensors = ("delta",) if isinstance(quantizer, LogSqrt2Quantizer) else ("scale", "zero_point")
@@ -487,6 +489,16 @@ def _config_from(document: dict, directory: str) -> LRPQConfig:
 
 
 def _weight_files(directory: str) -> list[str]:
+    index = os.path.join(directory, WEIGHTS_NAME + ".index.json")
+    if os.path.isfile(index):  # sharded by save_pretrained(max_shard_size=...)
+        try:
+            with open(index, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise OSError(f"{index} is not a valid shard index ({e}); {_RESAVE}.") from e
+        return [os.path.join(directory, name) for name in names]
+    if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
+        return [os.path.join(directory, WEIGHTS_NAME)]
     names = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not names:
         others = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
@@ -499,32 +511,37 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     """Load a packed checkpoint saved by ``save_quantized`` (no calibration data needed).
 
     Args:
-        directory (`str` or `os.PathLike`): a local directory with ``config.json`` and ``model.safetensors``.
-        model (`nn.Module`, `type`, *optional*): ``None`` loads a transformers checkpoint with
-            ``AutoModelForImageClassification.from_pretrained``; a transformers class loads with its
+        directory (`str` or `os.PathLike`): a local directory with ``config.json`` and ``model.safetensors``
+            (or its shards); with ``model`` ``None`` or a class, also a Hub repo id.
+        model (`nn.Module` or `type`, *optional*): ``None`` loads a transformers checkpoint with
+            ``AutoModelForImageClassification.from_pretrained``; a transformers class loads with its own
             ``from_pretrained``; a float model instance (any supported family, raw timm included) is quantized in
-            place with the saved bit plan and filled from the checkpoint without transformers' loader.
+            place with the saved bit plan and filled from the checkpoint without transformers' loader (if the
+            checkpoint turns out not to fit, that instance is left half-converted: build a new one).
         from_pretrained_kwargs: passed to ``from_pretrained`` (``model`` ``None`` or a class only).
 
     Returns:
         The quantized model, giving the logits of the model that was saved.
     """
     directory = os.fspath(directory)
-    document = _read_config(directory)
-    config = _config_from(document, directory)
     if model is None or isinstance(model, type):
         from . import integrations  # noqa: F401  (registers the "lrpqvit" quantizer with transformers)
 
-        if "model_type" not in document:
-            raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} was saved from a raw timm model, which "
-                             "transformers cannot rebuild: pass the float timm model of the same architecture as "
-                             "`model=`, or quantize timm models inside TimmWrapperForImageClassification.")
-        if model is None:
-            from transformers import AutoModelForImageClassification as model
-        _weight_files(directory)
-        return model.from_pretrained(directory, **from_pretrained_kwargs)
+        model_class = model
+        if model_class is None:
+            from transformers import AutoModelForImageClassification as model_class
+        if os.path.isdir(directory):  # local: fail early, naming the file, where transformers would be vaguer
+            document = _read_config(directory)
+            _config_from(document, directory)
+            if "model_type" not in document:
+                raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} was saved from a raw timm model, which "
+                                 "transformers cannot rebuild: pass the float timm model of the same architecture "
+                                 "as `model=`, or quantize timm models inside TimmWrapperForImageClassification.")
+            _weight_files(directory)
+        return model_class.from_pretrained(directory, **from_pretrained_kwargs)
     if from_pretrained_kwargs:
         raise TypeError(f"Unexpected arguments when loading into a model instance: {sorted(from_pretrained_kwargs)}.")
+    config = _config_from(_read_config(directory), directory)
     files = _weight_files(directory)
     source = ", ".join(files)
     tensors, stored_names = canonical_tensors(model, read_checkpoint(files), source)
@@ -532,8 +549,13 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     model.load_state_dict(tensors, strict=True)
     finish_packed_loading(model, source)
     model.eval()
-    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):  # as from_pretrained leaves it: save_pretrained writes the packed format
+        from .integrations.transformers import LRPQHfQuantizer
+
         model.config.quantization_config = config
+        model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)
     else:
         model.quantization_config = config
     return model

@@ -99,8 +99,8 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
     pct = tuple(config.percentiles)
     channelwise = config.post_ln != "layerwise"
     reparam = config.post_ln in ("repq", "crl")
-    post_ln_linears = {n for _, names in layout.post_ln for n in names}
-    for name in [*post_ln_linears, *layout.linears]:
+    post_ln_linears = [n for _, names in layout.post_ln for n in names]
+    for name in layout.weight_points()[1:]:
         linear = model.get_submodule(name)
         bits = plan[name]
         is_post_ln = name in post_ln_linears

@@ -46,7 +46,8 @@ class LRPQHfQuantizer(HfQuantizer):
                 "model, then call optimum_lrpqvit.quantize(model, LRPQConfig(...), calibration_data).")
         if not self.quantization_config.bit_plan:
             raise ValueError("The lrpqvit quantization_config of this checkpoint has no bit_plan, so it was not saved "
-                             "by optimum-lrpqvit; save the quantized model again with optimum_lrpqvit.hub.save_quantized.")
+                             "by optimum-lrpqvit; save the quantized model again with "
+                             "optimum_lrpqvit.hub.save_quantized.")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any):
