@@ -12,7 +12,7 @@ setup(
         "torch>=2.4",
         "torchvision",
         "timm>=1.0",
-        "transformers>=5.9",
+        "transformers>=5.24,<6",
         "datasets>=3.0",
         "accelerate>=1.0",
         "optimum>=1.20",

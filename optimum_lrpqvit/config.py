@@ -125,5 +125,6 @@ class LRPQConfig(QuantizationConfigMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}.")
         if self.format_version != FORMAT_VERSION:
-            raise ValueError(f"Unknown lrpqvit format_version {self.format_version!r}; this version of "
-                             f"optimum-lrpqvit reads version {FORMAT_VERSION}. Upgrade optimum-lrpqvit.")
+            raise ValueError(f"Unknown lrpqvit format_version {self.format_version!r} (quantization_config."
+                             f"format_version in the checkpoint's config.json); this version of optimum-lrpqvit "
+                             f"reads version {FORMAT_VERSION}. Upgrade optimum-lrpqvit.")

@@ -201,7 +201,10 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
     config.bit_plan = plan
     config.bit_plan_summary = bit_plan_summary(model, plan)
     if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+        from .integrations.transformers import LRPQHfQuantizer
+
         model.config.quantization_config = config
+        model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)  # save_pretrained writes packed weights
     else:
         model.quantization_config = config
     return model
