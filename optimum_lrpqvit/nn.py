@@ -7,6 +7,8 @@ with all upstream points already quantized (as RepQ-ViT does).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-class _Quantizer(nn.Module):
+class _Quantizer(nn.Module, abc.ABC):
     def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> None:
         super().__init__()
         self.bits = bits
@@ -42,14 +44,17 @@ class _Quantizer(nn.Module):
         self.enabled = True
 
     @property
+    @abc.abstractmethod
     def calibrated(self) -> bool:
-        raise NotImplementedError
+        """Whether the parameters have been fitted."""
 
+    @abc.abstractmethod
     def fit(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fit the parameters to ``x``."""
 
+    @abc.abstractmethod
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Fake-quantize ``x`` with the fitted parameters."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,10 +33,12 @@ class Layout:
     attentions: list[str]
     block_of: dict[str, int] = field(default_factory=dict)
 
+    @abc.abstractmethod
     def weight_points(self) -> list[str]:
         """The points with weights: patch embedding, post-LayerNorm Linears, other Linears."""
         return [self.patch_embed, *(n for _, names in self.post_ln for n in names), *self.linears]
 
+    @abc.abstractmethod
     def points(self) -> list[str]:
         """Every quantized point, as named in the bit plan: the weight points, then for every attention module
         ``.matmul1`` (q·kᵀ), ``.softmax`` (A, log-√2) and ``.matmul2`` (·V)."""
@@ -43,36 +46,39 @@ class Layout:
         return self.weight_points() + products
 
 
-class Family:
+class Family(abc.ABC):
     """One adapter per architecture family. Subclasses fill in the hooks below."""
 
     name: str = ""
 
+    @abc.abstractmethod
     def matches(self, model: nn.Module) -> bool:
-        raise NotImplementedError
+        """Whether ``model`` belongs to this family."""
 
+    @abc.abstractmethod
     def layout(self, model: nn.Module) -> Layout:
-        raise NotImplementedError
+        """The quantized points of ``model``."""
 
+    @abc.abstractmethod
     def install_attention(self, model: nn.Module, layout: Layout) -> None:
         """Route the listed attention modules through ``quantized_attention`` (this model instance only)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def remove_attention(self, model: nn.Module, layout: Layout) -> None:
         """Undo ``install_attention``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The model's classification logits, through its own call signature."""
 
+    @abc.abstractmethod
     def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         """(block, forward) pairs that, installed per instance, route every residual addition through
         ``relevance.residual_add`` (used during importance scoring only)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         """(channels, height, width) the model expects; None where any size is accepted."""
-        raise NotImplementedError
 
 
 def quantized_attention(
