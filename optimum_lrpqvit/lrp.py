@@ -97,8 +97,8 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
 def relevance_and_gradients(
     model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None
 ) -> tuple[Layout, relevance.Recorder]:
-    """One forward and the two backward passes; the recorder holds, per point, the output (``outputs``), its
-    gradient (``captured["grad"]``) and its relevance (``captured["relevance"]``) of the target logit."""
+    """One forward and the two backward passes; the recorder holds, per point, the gradient
+    (``captured["grad"]``) and the relevance (``captured["relevance"]``) of the target logit at its output."""
     with scoring(model) as (family, layout, recorder), torch.enable_grad():
         logits = family.logits(model, pixel_values)
         if targets is None:

@@ -24,7 +24,7 @@ EPS = 1e-9
 _ACTIVE: list[Recorder] = []
 
 
-def stabilise(z: torch.Tensor, eps: float | torch.Tensor = EPS) -> torch.Tensor:
+def stabilise(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """z + eps·sign(z), with sign(0) = +1: never zero, never changes sign."""
     return z + torch.where(z >= 0, eps, -eps)
 
@@ -38,7 +38,6 @@ class Recorder:
     def __init__(self, names: dict[int, str] | None = None) -> None:
         self.mode = "grad"
         self.names = names or {}  # id(module) -> point prefix
-        self.outputs: dict[str, torch.Tensor] = {}
         self.captured: dict[str, dict[str, torch.Tensor]] = {"grad": {}, "relevance": {}}
         self.roots: list[torch.Tensor] = []  # where the backward passes stop
 
@@ -51,7 +50,6 @@ class Recorder:
 
     def record(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.requires_grad:
-            self.outputs[name] = tensor
 
             def hook(signal: torch.Tensor) -> None:
                 self.captured[self.mode][name] = signal.detach()
