@@ -6,7 +6,9 @@ setup(
     description="LRP-QViT post-training quantization of vision transformers (ViT, DeiT, Swin) for Hugging Face",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["optimum_lrpqvit", "optimum_lrpqvit.*"]),
+    # optimum-cli finds `optimum-cli lrpqvit` in the optimum.commands.register namespace
+    packages=[*find_packages(include=["optimum_lrpqvit", "optimum_lrpqvit.*"]), "optimum.commands.register"],
+    package_data={"optimum_lrpqvit": ["model_cards/*.md"]},  # a link to the repository's model_cards/
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -25,4 +27,5 @@ setup(
         "matplotlib",
     ],
     extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
+    entry_points={"console_scripts": ["lrpqvit=optimum_lrpqvit.cli:main"]},
 )

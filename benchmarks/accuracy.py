@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from optimum_lrpqvit import LRPQConfig, quantize
+from optimum_lrpqvit import LRPQConfig, applied_config, quantize
 from optimum_lrpqvit.data import load_fashion_mnist, preprocess
 from optimum_lrpqvit.evaluation import fidelity, predict_logits
 from optimum_lrpqvit.outliers import channel_range_ratio, inject_outlier_channels
@@ -58,12 +59,15 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
         base = AutoModelForImageClassification.from_pretrained(model_dir).eval()
         processor = AutoImageProcessor.from_pretrained(model_dir)
         pixels, labels = preprocess(data["test"].select(range(num_eval)), processor)
+        weights = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
         for variant in variants:
             model = copy.deepcopy(base)
             if variant == "stress":
                 inject_outlier_channels(model, STRESS_FACTORS)
             key = f"{Path(model_dir).name}/{variant}"
             entry = results.setdefault(key, {"runs": {}})
+            if entry.get("model_sha256") != weights:  # the model was retrained: its old runs do not count
+                entry.update(runs={}, model_sha256=weights)
             entry["channel_range_ratio_median"] = statistics.median(channel_range_ratio(model, pixels[:32]).values())
             fp_logits = predict_logits(model, pixels, desc=f"{key} FP")
             entry["full_precision"] = fidelity(fp_logits, labels)
@@ -81,7 +85,8 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
                         seed, num_importance, len(train), offset=num_calibration), progress=False)
                 quantized = quantize(copy.deepcopy(model), config, calib, importance_data=importance)
                 logits = predict_logits(quantized, pixels, desc=f"{key} {run_key}")
-                entry["runs"][run_key] = {**fidelity(logits, labels, fp_logits), **config.bit_plan_summary}
+                entry["runs"][run_key] = {**fidelity(logits, labels, fp_logits),
+                                          **applied_config(quantized).bit_plan_summary}
                 print(key, run_key, entry["runs"][run_key], flush=True)
                 save()
     return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -48,8 +49,21 @@ class LRPQConfig(QuantizationConfigMixin):
             Weight bits the `"budget"` allocation may choose from.
         num_importance_samples (`int`, *optional*):
             Images scored for importance (a seeded random subset); all of the importance data by default.
+        importance_scores (`dict` or `str`, *optional*):
+            Precomputed importance `{point name: score}`, or the path of a JSON file written by
+            `lrpqvit score` / `score_importance`; used instead of scoring when `importance="lrp"`. Set by
+            `quantize` to the scores it used.
         seed (`int`, *optional*, defaults to 0):
-            Fixes every random choice (importance subset, random importance).
+            Fixes every random choice (calibration and importance samples, random importance).
+        dataset (`str`, *optional*):
+            Calibration data for `from_pretrained(..., quantization_config=...)`: a Hub dataset id, a local
+            image folder or `save_to_disk` directory, or `"fashion_mnist"` (the bundled loader). Images are
+            preprocessed with the model's own image processor.
+        dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of `dataset` to sample from.
+        num_calibration_samples (`int`, *optional*, defaults to 32):
+            Calibration images drawn (seeded) from `dataset`; the importance images are the next
+            `num_importance_samples` of the same draw (default: the calibration images themselves).
         bit_plan (`dict`, *optional*):
             Set by `quantize`: `{point name: {"w_bits": int | None, "a_bits": int}}`.
         bit_plan_summary (`dict`, *optional*):
@@ -70,7 +84,11 @@ class LRPQConfig(QuantizationConfigMixin):
         importance: str = "lrp",
         candidate_bits: list[int] | tuple[int, ...] = (3, 4, 5, 6, 8),
         num_importance_samples: int | None = None,
+        importance_scores: dict[str, float] | str | None = None,
         seed: int = 0,
+        dataset: str | None = None,
+        dataset_split: str = "train",
+        num_calibration_samples: int = 32,
         bit_plan: dict[str, dict[str, int | None]] | None = None,
         bit_plan_summary: dict[str, float] | None = None,
         **kwargs: Any,
@@ -88,7 +106,15 @@ class LRPQConfig(QuantizationConfigMixin):
         self.importance = importance
         self.candidate_bits = [int(b) for b in candidate_bits]
         self.num_importance_samples = num_importance_samples
+        if isinstance(importance_scores, (str, os.PathLike)):
+            from .scoring import read_scores
+
+            importance_scores = read_scores(importance_scores)
+        self.importance_scores = importance_scores
         self.seed = seed
+        self.dataset = dataset
+        self.dataset_split = dataset_split
+        self.num_calibration_samples = num_calibration_samples
         self.bit_plan = bit_plan
         self.bit_plan_summary = bit_plan_summary
         for key, value in kwargs.items():
@@ -116,12 +142,20 @@ class LRPQConfig(QuantizationConfigMixin):
             raise ValueError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}.")
         for b in self.candidate_bits:
             check_bits(b, "candidate_bits")
-        if self.num_importance_samples is not None and (
-            isinstance(self.num_importance_samples, bool) or not isinstance(self.num_importance_samples, int)
-            or self.num_importance_samples < 1
+        for name in ("num_importance_samples", "num_calibration_samples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if self.importance_scores is not None and not (
+            isinstance(self.importance_scores, dict) and self.importance_scores
+            and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                    for v in self.importance_scores.values())
         ):
-            raise ValueError(f"num_importance_samples must be a positive int or None, got "
-                             f"{self.num_importance_samples!r}.")
+            raise ValueError("importance_scores must be a non-empty {point name: non-negative score} dict or the "
+                             "path of a scores JSON file written by `lrpqvit score`.")
+        if self.dataset is not None and not isinstance(self.dataset, str):
+            raise ValueError(f"dataset must be a Hub dataset id, a local directory or 'fashion_mnist', got "
+                             f"{self.dataset!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}.")
         if self.format_version != FORMAT_VERSION:

@@ -39,7 +39,7 @@ from .architectures import Layout, find_family
 from .config import FORMAT_VERSION, QUANT_METHOD, LRPQConfig
 from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, quantizers
 from .packing import pack_codes, packed_nbytes, unpack_codes
-from .quantize import fixed_bit_plan, prepare_model
+from .quantize import applied_config, fixed_bit_plan, prepare_model
 from .quantizers import check_bits
 
 __all__ = [
@@ -116,16 +116,6 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return weight.reshape(shape).to(dtype)
 
 
-def _applied_config(model: nn.Module) -> LRPQConfig:
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is None:
-        config = getattr(model, "quantization_config", None)
-    if not isinstance(config, LRPQConfig) or not config.bit_plan:
-        raise ValueError(f"{type(model).__name__} carries no applied LRPQConfig with a bit plan; quantize it with "
-                         "optimum_lrpqvit.quantize() before saving it packed.")
-    return config
-
-
 def content_digest(tensors: Iterable[torch.Tensor]) -> str:
     """SHA-256 over every tensor's dtype, shape and bytes, independent of names and order."""
     parts = []
@@ -139,7 +129,7 @@ def content_digest(tensors: Iterable[torch.Tensor]) -> str:
 
 def packed_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict of the packed format (see the module docstring) and its safetensors metadata."""
-    config = _applied_config(model)
+    config = applied_config(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     for name, module in _weight_modules(model).items():
         planned = config.bit_plan.get(name, {}).get("w_bits")
@@ -166,7 +156,7 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **save_p
     ``"lrpqvit"`` quantizer attached for the call; raw timm models are written directly (reload them with
     ``load_quantized(save_directory, model=<float timm model of the same architecture>)``).
     """
-    config = _applied_config(model)
+    config = applied_config(model)
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
@@ -203,7 +193,7 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **save_p
 def checkpoint_sizes(model: nn.Module, directory: str | os.PathLike) -> dict[str, float]:
     """Bytes of the saved ``*.safetensors`` against full precision (every parameter in float32) and against the
     ideal Σ quantized params × bits / 8 + other params × 4; ``vs_ideal`` and ``vs_full_precision`` are ratios."""
-    plan = _applied_config(model).bit_plan
+    plan = applied_config(model).bit_plan
     file_bytes = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
                      if f.endswith(".safetensors"))
     bits = {id(m.weight): plan[n]["w_bits"] for n, m in _weight_modules(model).items()}
@@ -559,3 +549,43 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     else:
         model.quantization_config = config
     return model
+
+
+def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+                   token: str | None = None, commit_message: str | None = None) -> str:
+    """Upload a directory written by ``jobs.save_quantized_model`` (or ``save_quantized``) to the Hub repo
+    ``repo_id``, creating it if needed; returns the commit URL. The directory is checked first (an lrpqvit
+    config with a bit plan and readable safetensors weights), so a broken checkpoint is never published."""
+    from huggingface_hub import HfApi
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} is not a directory; write one with `lrpqvit quantize`.")
+    config = _config_from(_read_config(directory), directory)
+    if not config.bit_plan:
+        raise ValueError(f"{directory}/config.json has no bit plan; it was not saved by optimum-lrpqvit.")
+    read_checkpoint(_weight_files(directory))  # digest and format checks
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(folder_path=directory, repo_id=repo_id, revision=revision,
+                             commit_message=commit_message or f"Upload {config.bit_plan_summary['avg_w_bits']}-bit "
+                                                              "LRP-QViT quantized model")
+    return info.commit_url
+
+
+def push_to_hub(model: nn.Module, repo_id: str, processor=None, *, base_model: str | None = None,
+                results: dict | None = None, private: bool = False, token: str | None = None) -> str:
+    """Save ``model`` with ``jobs.save_quantized_model`` (packed weights, bit plan, processor, model card with
+    the bit plan, importance figure, ``results``) and upload it to ``repo_id``; returns the commit URL.
+
+    ``model.push_to_hub`` of a quantized transformers model uploads the packed weights too, but with
+    transformers' generic model card."""
+    import tempfile
+
+    from .jobs import save_quantized_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_quantized_model(model, tmp, processor, base_model=base_model, results=results)
+        return push_directory(tmp, repo_id, private=private, token=token)

@@ -127,7 +127,8 @@ def image_contributions(
     return out
 
 
-def _targets(targets: object, n: int, num_classes: int) -> torch.Tensor | None:
+def check_targets(targets: object, n: int, num_classes: int) -> torch.Tensor | None:
+    """``targets`` as a long tensor of ``n`` class indices in [0, num_classes), or None; else ValueError."""
     if targets is None:
         return None
     targets = torch.as_tensor(targets)
@@ -160,7 +161,7 @@ def compute_importance(
     device = next(scored.parameters()).device
     with torch.no_grad():
         num_classes = family.logits(scored, pixels[:1].to(device)).shape[-1]
-    labels = _targets(targets, len(pixels), num_classes)
+    labels = check_targets(targets, len(pixels), num_classes)
     sums: dict[str, float] = {}
     for start in range(0, len(pixels), batch_size):
         batch_targets = None if labels is None else labels[start:start + batch_size]

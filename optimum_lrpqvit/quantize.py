@@ -7,6 +7,8 @@ re-calibration of the weights that changed.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -18,12 +20,23 @@ from .lrp import compute_importance
 from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
 from .reparam import clip_channel_params, reparam_factors, reparameterize
 
-__all__ = ["PATCH_EMBED_A_BITS", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "layer_importance",
+__all__ = ["PATCH_EMBED_A_BITS", "applied_config", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "layer_importance",
            "mixed_bit_plan", "prepare_model", "quantize"]
 
 PATCH_EMBED_A_BITS = 8
 PAPER_FIRST_BLOCKS = 2
 BitPlan = dict[str, dict[str, int | None]]
+
+
+def applied_config(model: nn.Module) -> LRPQConfig:
+    """The config ``quantize`` applied to ``model`` (with its bit plan); ValueError if it was not quantized."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        config = getattr(model, "quantization_config", None)
+    if not isinstance(config, LRPQConfig) or not config.bit_plan:
+        raise ValueError(f"{type(model).__name__} carries no applied LRPQConfig with a bit plan; quantize it with "
+                         "optimum_lrpqvit.quantize() first.")
+    return config
 
 
 def fixed_bit_plan(layout: Layout, w_bits: int, a_bits: int) -> BitPlan:
@@ -64,14 +77,20 @@ def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importa
 
 
 def layer_importance(model: nn.Module, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> dict[str, float]:
-    """Relative importance of every quantized point by ``config.importance`` (seeded)."""
-    lrp_scores = None
-    if config.importance == "lrp":
+    """Relative importance of every quantized point by ``config.importance`` (seeded); for ``"lrp"``, the
+    config's precomputed ``importance_scores`` when it has them (they must name exactly these points)."""
+    points = layout.points()
+    lrp_scores = config.importance_scores if config.importance == "lrp" else None
+    if lrp_scores is not None and set(lrp_scores) != set(points):
+        missing, extra = sorted(set(points) - set(lrp_scores)), sorted(set(lrp_scores) - set(points))
+        raise ValueError(f"importance_scores do not fit this model (missing {missing[:4]}, unknown {extra[:4]}): "
+                         "they were scored on another architecture. Score this model with `lrpqvit score`.")
+    if config.importance == "lrp" and lrp_scores is None:
         if config.num_importance_samples is not None and config.num_importance_samples < len(pixels):
             generator = torch.Generator().manual_seed(config.seed)
             pixels = pixels[torch.randperm(len(pixels), generator=generator)[: config.num_importance_samples]]
         lrp_scores = compute_importance(model, pixels)
-    return importance_scores(config.importance, layout.points(), lrp_scores, config.seed)
+    return importance_scores(config.importance, points, lrp_scores, config.seed)
 
 
 def bit_plan_summary(model: nn.Module, plan: BitPlan) -> dict[str, float]:
@@ -171,10 +190,11 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
 
     ``calibration_data``: a float tensor (N, C, H, W) of preprocessed pixel values, or an iterable of such
     tensors or of dicts holding ``pixel_values``. With ``config.mixed_precision`` the layer importance is
-    scored on ``importance_data`` (same forms; the calibration data by default) before quantization. The
-    model keeps its call signature; the applied config (with ``bit_plan``, ``bit_plan_summary`` and, for
-    mixed precision, ``importance_scores``) is ``model.config.quantization_config`` for transformers models
-    and ``model.quantization_config`` otherwise.
+    scored on ``importance_data`` (same forms; the calibration data by default) before quantization, unless
+    ``config.importance_scores`` holds precomputed scores. The model keeps its call signature. ``config`` is
+    not modified: the applied copy (with ``bit_plan``, ``bit_plan_summary`` and, for mixed precision,
+    ``importance_scores``) is ``applied_config(model)``, i.e. ``model.config.quantization_config`` for
+    transformers models and ``model.quantization_config`` otherwise.
     """
     if not isinstance(config, LRPQConfig):
         raise TypeError(f"config must be an LRPQConfig, got {type(config).__name__}.")
@@ -186,6 +206,7 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
     param = next(model.parameters())
     pixels = pixels.to(device=param.device, dtype=param.dtype)
 
+    config = copy.deepcopy(config)
     model.eval()
     layout = family.layout(model)
     if config.mixed_precision:

@@ -88,9 +88,10 @@ def timm_swin(seed: int = 0) -> nn.Module:
     return _spread(timm.models.swin_transformer.SwinTransformer(**_TIMM_SWIN), seed)
 
 
-def _wrapped(architecture: str, model_args: dict, seed: int) -> nn.Module:
+def _wrapped(architecture: str, model_args: dict, seed: int, **config_kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    config = TimmWrapperConfig(architecture=architecture, model_args=model_args, num_labels=NUM_LABELS)
+    config = TimmWrapperConfig(architecture=architecture, model_args=model_args, num_labels=NUM_LABELS,
+                               **config_kwargs)
     return _spread(TimmWrapperForImageClassification(config), seed)
 
 
@@ -128,3 +129,31 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                               timm.models.swin_transformer.SwinTransformer)):
             return model(x)
         return model(pixel_values=x).logits
+
+
+def processor_for(model: nn.Module):
+    """The image processor a saved tiny model ships with: Fashion-MNIST-like grayscale images → RGB 16×16."""
+    from transformers import TimmWrapperImageProcessor, ViTImageProcessor
+
+    if isinstance(model, TimmWrapperForImageClassification):
+        return TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg,
+                                         architecture=model.config.architecture)
+    return ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3, do_convert_rgb=True)
+
+
+def wrapped_timm_vit_16(seed: int = 0) -> nn.Module:
+    """``wrapped_timm_vit`` whose ``pretrained_cfg`` describes its 16×16 input, so its processor fits."""
+    args = {k: v for k, v in _TIMM_VIT.items() if k != "num_classes"}
+    pretrained_cfg = dict(input_size=[3, IMAGE_SIZE, IMAGE_SIZE], crop_pct=1.0, crop_mode="center",
+                          interpolation="bilinear", mean=[0.5] * 3, std=[0.5] * 3, num_classes=NUM_LABELS)
+    return _wrapped("vit_tiny_patch16_224", args, seed, pretrained_cfg=pretrained_cfg)
+
+
+def save_checkpoint(model: nn.Module, directory) -> str:
+    """``save_pretrained`` with the model's processor: a float checkpoint as users have them."""
+    model.save_pretrained(directory)
+    processor = processor_for(model)
+    if not isinstance(model, TimmWrapperForImageClassification):  # timm keeps its processor in config.json
+        processor.save_pretrained(directory)
+    return str(directory)

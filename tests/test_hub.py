@@ -149,12 +149,6 @@ def test_registration_is_idempotent_and_guarded():
         hf_integration._register({"lrpqvit": Foreign}, hf_auto.register_quantization_config, LRPQConfig)
 
 
-def test_calibrating_at_load_is_refused_clearly(tmp_path):
-    models.hf_vit().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="cannot yet calibrate"):
-        AutoModelForImageClassification.from_pretrained(tmp_path, quantization_config=LRPQConfig())
-
-
 def test_saving_needs_a_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="quantize it"):
         save_quantized(models.hf_vit(), tmp_path)

@@ -212,8 +212,7 @@ def test_importance_figure_is_written(tmp_path):
 
     model = models.deep_timm_vit()
     layout = find_family(model).layout(model)
-    config = LRPQConfig(mixed_precision=True)
-    quantize(model, config, models.images(4))
+    config = quantize(model, LRPQConfig(mixed_precision=True), models.images(4)).quantization_config
     path = tmp_path / "importance.png"
     plot_importance(config.importance_scores, config.bit_plan, layout.block_of, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

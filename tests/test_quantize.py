@@ -194,8 +194,10 @@ def test_mixed_precision_keeps_the_size_of_uniform_bits(allocation, importance):
     quantize(model, config, models.images(8))
     plan, summary = model.quantization_config.bit_plan, model.quantization_config.bit_plan_summary
     assert summary["avg_w_bits"] <= 4.0
-    assert set(config.importance_scores) == set(plan)
-    assert sum(config.importance_scores.values()) == pytest.approx(1.0)
+    applied = model.quantization_config
+    assert applied is not config and config.bit_plan is None and config.importance_scores is None
+    assert set(applied.importance_scores) == set(plan)
+    assert sum(applied.importance_scores.values()) == pytest.approx(1.0)
     w_bits = {p: b["w_bits"] for p, b in plan.items() if b["w_bits"] is not None}
     if allocation == "paper":
         assert all(w_bits[p] == 5 for p in w_bits if p.startswith(("blocks.0.", "blocks.1.")))
@@ -214,8 +216,7 @@ def test_mixed_precision_is_seeded_and_scores_the_importance_data():
         model = models.deep_timm_vit()
         data = kwargs.pop("importance_data", None)
         config = LRPQConfig(mixed_precision=True, **kwargs)
-        quantize(model, config, models.images(8), importance_data=data)
-        return config
+        return quantize(model, config, models.images(8), importance_data=data).quantization_config
 
     assert plan(importance="random", seed=1).bit_plan == plan(importance="random", seed=1).bit_plan
     assert plan(importance="random", seed=1).importance_scores != plan(importance="random", seed=2).importance_scores

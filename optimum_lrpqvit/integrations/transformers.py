@@ -7,8 +7,9 @@ checkpoint's tensors (packed weights as buffers, see ``hub.prepare_packed_loadin
 them from ``model.safetensors``, and the after-loading hook unpacks the weights (``hub.finish_packed_loading``).
 ``get_state_dict_and_metadata`` makes ``save_pretrained`` write the packed format.
 
-Calibrating a float checkpoint at load (``from_pretrained(float_dir, quantization_config=LRPQConfig(...))``) is
-not supported yet; use ``optimum_lrpqvit.quantize``.
+``from_pretrained(float_checkpoint, quantization_config=LRPQConfig(dataset=..., ...))`` loads the float weights,
+then the after-loading hook draws the calibration (and importance) images the config names, preprocesses them
+with the checkpoint's own image processor and runs ``quantize`` (``jobs.quantize_from_dataset``).
 
 Written against the quantizer lifecycle of transformers 5.x (tested with 5.24): ``preprocess_model`` passes
 ``checkpoint_files`` to ``_process_model_before_weight_loading`` on a meta-device model.
@@ -41,9 +42,12 @@ class LRPQHfQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         if not self.pre_quantized:
-            raise ValueError(
-                "optimum-lrpqvit cannot yet calibrate a float checkpoint inside from_pretrained: load the float "
-                "model, then call optimum_lrpqvit.quantize(model, LRPQConfig(...), calibration_data).")
+            if self.quantization_config.dataset is None:
+                raise ValueError(
+                    "Quantizing at load needs calibration data: set LRPQConfig(dataset=...) to a Hub dataset id, a "
+                    "local image folder or 'fashion_mnist', or load the float model and call "
+                    "optimum_lrpqvit.quantize(model, config, calibration_data).")
+            return
         if not self.quantization_config.bit_plan:
             raise ValueError("The lrpqvit quantization_config of this checkpoint has no bit_plan, so it was not saved "
                              "by optimum-lrpqvit; save the quantized model again with "
@@ -51,6 +55,8 @@ class LRPQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any):
+        if not self.pre_quantized:
+            return model  # float weights load as usual; quantized after loading
         if not checkpoint_files:
             raise ValueError("An lrpqvit checkpoint is loaded from its model.safetensors; from_pretrained found no "
                              "checkpoint file (state_dict= is not supported).")
@@ -61,8 +67,16 @@ class LRPQHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        finish_packed_loading(model, getattr(self, "_source", "checkpoint"))
-        return model
+        if self.pre_quantized:
+            finish_packed_loading(model, getattr(self, "_source", "checkpoint"))
+            return model
+        from transformers import AutoImageProcessor
+
+        from ..jobs import quantize_from_dataset
+
+        processor = AutoImageProcessor.from_pretrained(model.name_or_path)
+        # quantize() attaches the applied config and a pre-quantized quantizer, so save_pretrained writes packed
+        return quantize_from_dataset(model, self.quantization_config, processor)
 
     def get_state_dict_and_metadata(self, model):
         return packed_state_dict(model)

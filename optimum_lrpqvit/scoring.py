@@ -1,0 +1,211 @@
+"""LRP importance over many images: sharded over ``accelerate`` processes, checkpointed, resumable.
+
+Global batch ``b`` holds images ``[b·B, (b+1)·B)`` of the dataset; process ``r`` of ``W`` scores the
+batches with ``b mod W = r`` (a streamed dataset is split with ``datasets.distributed.split_dataset_by_node``
+instead, and a resumed process reads past the batches it had done). Each process keeps float64 per-point sums of the per-image contributions
+(``lrp.image_contributions``) and an image count, and every ``checkpoint_every`` of its batches writes them
+to ``checkpoint_dir/rank{r}-of-{W}.safetensors`` (atomically). A run started again with the same arguments
+resumes each process after its last checkpoint, so at most ``checkpoint_every`` batches are redone. At the
+end the sums are all-reduced and normalised: I_l = Σ c_l / Σ_l' Σ c_l', the scores of ``compute_importance``
+on the same images up to the order of float64 additions.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .architectures import find_family
+from .data import images_to_pixel_values
+from .lrp import check_targets, image_contributions
+
+__all__ = ["SCORES_FORMAT", "read_scores", "score_importance", "write_scores"]
+
+SCORES_FORMAT = "optimum-lrpqvit/importance-scores/1"
+
+
+def _model_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_scores(path: str | os.PathLike, scores: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
+    """Write ``{"format", "scores", "metadata"}`` as JSON (atomically)."""
+    document = {"format": SCORES_FORMAT, "scores": dict(scores), "metadata": dict(metadata)}
+    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+
+
+def read_scores(path: str | os.PathLike) -> dict[str, float]:
+    """The ``{point: importance}`` of a file written by ``write_scores``; ValueError if it is not one."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Importance scores file {path} does not exist; write it with `lrpqvit score`.")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"Importance scores file {path} is not valid JSON ({error}); it may be truncated. "
+                         "Score again with `lrpqvit score`.") from None
+    if not isinstance(document, dict) or document.get("format") != SCORES_FORMAT:
+        raise ValueError(f"{path} is not an optimum-lrpqvit importance file (expected format {SCORES_FORMAT!r}, "
+                         f"got {document.get('format') if isinstance(document, dict) else type(document).__name__!r}).")
+    scores = document.get("scores")
+    if not isinstance(scores, dict) or not scores or not all(
+        isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in scores.values()
+    ):
+        raise ValueError(f"{path}: 'scores' must be a non-empty mapping of point names to finite non-negative "
+                         "numbers.")
+    if abs(sum(scores.values()) - 1.0) > 1e-6:
+        raise ValueError(f"{path}: the scores sum to {sum(scores.values())}, not 1; the file was edited or corrupted.")
+    return {str(k): float(v) for k, v in scores.items()}
+
+
+def _load_checkpoint(path: Path, fingerprint: str, points: list[str]) -> tuple[torch.Tensor, int, int] | None:
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"Scoring checkpoint {path} is unreadable ({error}); delete it to start this "
+                         "process's shard again.") from None
+    if meta.get("fingerprint") != fingerprint:
+        raise ValueError(f"Scoring checkpoint {path} belongs to a different job (other model, data, batch size, "
+                         "targets or number of processes). Use another --checkpoint-dir, or delete it to start over.")
+    sums = tensors["sums"]
+    if sums.shape != (len(points),):
+        raise ValueError(f"Scoring checkpoint {path} has {sums.shape} sums for {len(points)} points; delete it.")
+    return sums, int(meta["batches_done"]), int(meta["images"])
+
+
+def score_importance(
+    model: nn.Module,
+    dataset: Any,
+    processor: Any,
+    *,
+    batch_size: int = 32,
+    use_labels: bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    output: str | os.PathLike | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    accelerator: Any = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """LRP importance ``{point: I_l}`` (summing to 1) of ``model`` over every image of ``dataset``.
+
+    ``dataset``: a ``datasets.Dataset`` or ``IterableDataset`` with an ``image`` column (and ``label`` for
+    ``use_labels``; otherwise each image's predicted class is explained), e.g. from
+    ``data.load_image_dataset``; images go through ``processor``. Sharded over the processes of
+    ``accelerator`` (default: a new ``accelerate.Accelerator``, one process unless launched with
+    ``accelerate launch`` or ``torchrun``; gloo on machines without a GPU). With ``checkpoint_dir``, partial sums are saved every
+    ``checkpoint_every`` batches of each process and a restarted job resumes from them. ``output``: JSON
+    written by the main process (``write_scores``) with ``metadata`` plus the counts of the run.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or checkpoint_every < 1:
+        raise ValueError(f"batch_size and checkpoint_every must be positive, got {batch_size} and {checkpoint_every}.")
+    # without cpu=True accelerate ignores the launcher's processes on machines without a GPU
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    family = find_family(model)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float()
+    model = model.eval().to(accelerator.device)
+    points = family.layout(model).points()
+    channels = family.input_shape(model)[0]
+    iterable = not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")
+    if not iterable and len(dataset) == 0:
+        raise ValueError("The importance dataset is empty.")
+    if use_labels and "label" not in (dataset.column_names or []):
+        raise ValueError(f"use_labels=True but the dataset has no 'label' column (columns: {dataset.column_names}).")
+
+    job = dict(model=_model_digest(model), data=getattr(dataset, "_fingerprint", None) or repr(dataset),
+               batch_size=batch_size, use_labels=use_labels, processes=world, points=points,
+               processor=repr(processor.to_dict() if hasattr(processor, "to_dict") else processor))
+    fingerprint = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
+    path = None
+    sums, done, images = torch.zeros(len(points), dtype=torch.float64), 0, 0
+    if checkpoint_dir is not None:
+        path = Path(checkpoint_dir) / f"rank{rank}-of-{world}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = _load_checkpoint(path, fingerprint, points)
+        if state is not None:
+            sums, done, images = state
+    resumed_at = done
+
+    def save() -> None:
+        meta = {"fingerprint": fingerprint, "batches_done": str(done), "images": str(images)}
+        _atomic_write(path, lambda tmp: save_file({"sums": sums}, str(tmp), metadata=meta))
+
+    if iterable:  # a stream: each process reads its own part (datasets.distributed), skipping what it did
+        from datasets.distributed import split_dataset_by_node
+
+        part = split_dataset_by_node(dataset, rank=rank, world_size=world) if world > 1 else dataset
+        batches = itertools.islice(part.iter(batch_size=batch_size), done, None)
+        total = None
+    else:
+        n_batches = math.ceil(len(dataset) / batch_size)
+        own = range(rank, n_batches, world)
+        batches = (dataset[b * batch_size:(b + 1) * batch_size] for b in own[done:])
+        total = len(own)
+    bar = tqdm(total=total, initial=done, desc="scoring importance", unit="batch", disable=not (
+        progress and accelerator.is_main_process))
+    started = time.perf_counter()
+    for rows in batches:
+        pixels = images_to_pixel_values(rows["image"], processor, channels).to(accelerator.device)
+        targets = None
+        if use_labels:
+            with torch.no_grad():
+                num_classes = family.logits(model, pixels[:1]).shape[-1]
+            targets = check_targets(rows["label"], len(pixels), num_classes)
+        contributions = image_contributions(model, pixels, targets)
+        sums += torch.stack([contributions[point].double().sum() for point in points])
+        done, images = done + 1, images + len(pixels)
+        bar.update(1)
+        if path is not None and done % checkpoint_every == 0:
+            save()
+    bar.close()
+    if path is not None:
+        save()
+
+    totals = accelerator.reduce(torch.cat([sums, torch.tensor([images], dtype=torch.float64)]).to(
+        accelerator.device), reduction="sum").cpu()
+    sums, n_images = totals[:-1], int(totals[-1])
+    if n_images == 0:
+        raise ValueError("The importance dataset is empty.")
+    if not float(sums.sum()) > 0:
+        raise ValueError("Every layer scored zero importance (no positive gradient ⊙ relevance); check the data.")
+    scores = dict(zip(points, (sums / sums.sum()).tolist()))
+    if output is not None and accelerator.is_main_process:
+        write_scores(output, scores, {**(metadata or {}), "num_images": n_images, "batch_size": batch_size,
+                                      "targets": "labels" if use_labels else "predicted", "processes": world,
+                                      "resumed_at_batch": resumed_at, "model_digest": job["model"],
+                                      "seconds": round(time.perf_counter() - started, 3)})
+    accelerator.wait_for_everyone()
+    return scores
