@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 EXAMPLES = """examples:
@@ -134,7 +135,9 @@ def quantize_command(args: argparse.Namespace) -> int:
         test = _load_dataset(args, args.eval_split, args.num_eval_samples)
         pixels, labels = preprocess(test, processor)
         fp_logits = predict_logits(model, pixels, desc="full precision")
+    started = time.perf_counter()
     quantize_from_dataset(model, config, processor)
+    seconds = time.perf_counter() - started
     applied = applied_config(model)
     results = None
     if args.evaluate:
@@ -145,7 +148,9 @@ def quantize_command(args: argparse.Namespace) -> int:
             f" {applied.importance} mixed ({applied.allocation})" if applied.mixed_precision else "")
         _print_table([("full precision", results["full_precision"]), (label, results["quantized"])],
                      f"{Path(args.model).name} on {len(labels)} {args.dataset} {args.eval_split} images, "
-                     f"{args.num_calibration_samples} calibration images (seed {args.seed})")
+                     f"{args.num_calibration_samples} calibration images"
+                     + (f", {args.num_importance_samples} importance images" if args.num_importance_samples else "")
+                     + f" (seed {args.seed}); quantization took {seconds:.1f} s")
     base = args.base_model or (None if Path(args.model).exists() else args.model)
     save_quantized_model(model, args.output_dir, processor, base_model=base, results=results)
     summary = applied.bit_plan_summary

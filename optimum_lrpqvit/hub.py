@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -554,9 +555,10 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
 def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
                    token: str | None = None, commit_message: str | None = None) -> str:
     """Upload a directory written by ``jobs.save_quantized_model`` (or ``save_quantized``) to the Hub repo
-    ``repo_id``, creating it if needed; returns the commit URL. The directory is checked first (an lrpqvit
-    config with a bit plan and readable safetensors weights), so a broken checkpoint is never published."""
-    from huggingface_hub import HfApi
+    ``repo_id`` in one commit, creating the repo if needed; returns the commit URL. The directory is checked
+    first (an lrpqvit config with a bit plan and readable safetensors weights), so a broken checkpoint is never
+    published; the model card's name for the model (the directory's) becomes ``repo_id``."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -569,7 +571,15 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool 
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(folder_path=directory, repo_id=repo_id, revision=revision,
+    operations = []
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts):
+            content: str | bytes = str(path)
+            if path.relative_to(directory).as_posix() == "README.md":
+                name = os.path.basename(os.path.abspath(directory))
+                content = path.read_text(encoding="utf-8").replace(f'model="{name}"', f'model="{repo_id}"').encode()
+            operations.append(CommitOperationAdd(path.relative_to(directory).as_posix(), content))
+    info = api.create_commit(repo_id, operations, revision=revision,
                              commit_message=commit_message or f"Upload {config.bit_plan_summary['avg_w_bits']}-bit "
                                                               "LRP-QViT quantized model")
     return info.commit_url
@@ -587,5 +597,5 @@ def push_to_hub(model: nn.Module, repo_id: str, processor=None, *, base_model: s
     from .jobs import save_quantized_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        save_quantized_model(model, tmp, processor, base_model=base_model, results=results)
+        save_quantized_model(model, tmp, processor, base_model=base_model, results=results, name=repo_id)
         return push_directory(tmp, repo_id, private=private, token=token)

@@ -64,9 +64,11 @@ def save_quantized_model(
     *,
     base_model: str | None = None,
     results: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Path:
     """Save a quantized model for the Hub: packed weights and config, the processor, ``importance.png``
-    (mixed precision), ``results.json`` and a ``README.md`` model card (see ``model_card``)."""
+    (mixed precision), ``results.json`` and a ``README.md`` model card (see ``model_card``) that calls the
+    model ``name`` (default: the directory's name; ``hub.push_directory`` renames it to the repo id)."""
     from .hub import save_quantized
     from .model_card import render_model_card
     from .report import plot_importance
@@ -84,6 +86,7 @@ def save_quantized_model(
                         title=f"{config.importance} importance and bit plan ({config.allocation} rule)")
     if results is not None:
         (directory / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    card = render_model_card(model, base_model=base_model, results=results, figure=figure)
+    card = render_model_card(model, base_model=base_model, results=results, figure=figure,
+                             name=name or directory.name)
     (directory / "README.md").write_text(card)
     return directory

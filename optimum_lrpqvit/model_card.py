@@ -25,11 +25,12 @@ def render_model_card(
     base_model: str | None = None,
     results: dict[str, Any] | None = None,
     figure: str | None = None,
-    repo_id: str | None = None,
+    name: str | None = None,
 ) -> str:
     """The README.md of a quantized model: card metadata (``base_model``, ``base_model_relation: quantized``,
     library and pipeline tags, datasets, accuracy before and after as model-index results), the bit plan as
-    a table with its summary, and ``figure`` (a file in the same repo) when given.
+    a table with its summary, and ``figure`` (a file in the same repo) when given. ``name``: the repo id or
+    directory the card's loading example names (default: the model's ``name_or_path``).
 
     ``results``: ``{"dataset", "split", "num_images", "full_precision": {"top1"}, "quantized": {"top1",
     "agreement", "kl"}}`` as written by ``lrpqvit evaluate`` (accuracies in %).
@@ -38,16 +39,16 @@ def render_model_card(
 
     config = applied_config(model)
     summary = config.bit_plan_summary
-    name = repo_id or getattr(model, "name_or_path", None) or type(model).__name__
-    name = str(name).rstrip("/").split("/")[-1]
+    name = str(name or getattr(model, "name_or_path", None) or type(model).__name__)
     eval_results = None
     if results is not None:
         common = dict(task_type="image-classification", dataset_type=_dataset_id(results["dataset"]),
                       dataset_name=results["dataset"], dataset_split=results["split"], metric_type="accuracy")
         eval_results = [
-            EvalResult(metric_name="top-1 accuracy, full precision", metric_value=results["full_precision"]["top1"],
+            EvalResult(metric_name="top-1 accuracy, full precision", metric_value=round(results["full_precision"]["top1"], 2),
                        **common),
-            EvalResult(metric_name="top-1 accuracy, quantized", metric_value=results["quantized"]["top1"], **common),
+            EvalResult(metric_name="top-1 accuracy, quantized", metric_value=round(results["quantized"]["top1"], 2),
+                       **common),
         ]
     datasets = sorted({d for d in (_dataset_id(config.dataset), results and _dataset_id(results["dataset"])) if d})
     card_data = ModelCardData(
@@ -57,14 +58,14 @@ def render_model_card(
         pipeline_tag="image-classification",
         tags=["optimum-lrpqvit", "lrpqvit", "quantized", f"{round(summary['avg_w_bits'])}-bit", "vision-transformer"],
         datasets=datasets or None,
-        model_name=name,
+        model_name=name.split("/")[-1],
         eval_results=eval_results,
     )
     template = TEMPLATE.read_text(encoding="utf-8")
     base_line = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A vision transformer"
     card = ModelCard.from_template(
-        card_data, template_str=template, model_name=name, base_model_line=base_line, config=config,
+        card_data, template_str=template, model_name=name.split("/")[-1], base_model_line=base_line, config=config,
         summary=summary, results=results, figure=figure, bit_plan=config.bit_plan,
-        importance=config.importance_scores, repo_id=repo_id or name,
+        importance=config.importance_scores, repo_id=name,
     )
     return str(card)

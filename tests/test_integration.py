@@ -148,6 +148,11 @@ def test_cli_quantize_evaluate_push_and_pull(tmp_path, local_hub, capsys):
            "HF_HUB_CACHE": str(tmp_path / "cache")}
     out = _run("lrpqvit", "push", str(q), "tester/deit-w4a4", env=hub)
     assert out.returncode == 0, out.stderr
+    card = requests.get(f"{local_hub.url}/tester/deit-w4a4/resolve/main/README.md", timeout=10).text
+    assert 'model="tester/deit-w4a4"' in card
+    metrics = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"][0]["metrics"]
+    assert [m["value"] for m in metrics] == [round(results["full_precision"]["top1"], 2),
+                                             round(results["quantized"]["top1"], 2)]
     x = models.images(2)
     torch.save(x, tmp_path / "x.pt")
     pull = ("import sys, torch, optimum_lrpqvit; from transformers import AutoModelForImageClassification as A;"
@@ -198,4 +203,5 @@ def test_push_to_hub_from_python_and_pull_by_repo_id(tmp_path, local_hub, monkey
     assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(
         api.list_repo_files("tester/vit"))
     card = requests.get(f"{local_hub.url}/tester/vit/resolve/main/README.md", timeout=10).text
-    assert "## Bit plan" in card and "base_model_relation" not in card  # a local float model has no Hub base
+    assert "## Bit plan" in card and 'model="tester/vit"' in card
+    assert "base_model_relation" not in card  # a model quantized from a local directory has no Hub base
