@@ -19,6 +19,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -47,13 +48,20 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
     """Quantize and evaluate every job on every model variant; results are saved after each run."""
     out_json = RESULTS / f"{name}.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results["command"] = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])
+    command = f"python benchmarks/{name}.py " + " ".join(sys.argv[1:])
     data = load_fashion_mnist()
     train = data["train"]
+    mine: set[str] = set()
 
     def save() -> None:
+        """Write this run's entries, keeping those other runs wrote meanwhile (several may run at once)."""
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(results, indent=2) + "\n")
+        on_disk = json.loads(out_json.read_text()) if out_json.exists() else {}
+        on_disk.update({key: results[key] for key in mine})
+        tmp = out_json.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
+        os.replace(tmp, out_json)
+        results.update(on_disk)
 
     for model_dir in model_dirs:
         base = AutoModelForImageClassification.from_pretrained(model_dir).eval()
@@ -66,6 +74,8 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
                 inject_outlier_channels(model, STRESS_FACTORS)
             key = f"{Path(model_dir).name}/{variant}"
             entry = results.setdefault(key, {"runs": {}})
+            mine.add(key)
+            entry["command"] = command
             if entry.get("model_sha256") != weights:  # the model was retrained: its old runs do not count
                 entry.update(runs={}, model_sha256=weights)
             entry["channel_range_ratio_median"] = statistics.median(channel_range_ratio(model, pixels[:32]).values())
@@ -100,13 +110,13 @@ def _mean_std(values: list[float], digits: int) -> str:
 
 def markdown(results: dict) -> str:
     """One table per model variant; runs that differ only in their seed are averaged (mean ± std)."""
-    lines = [f"Command: `{results['command']}`", ""]
+    lines = []
     for key, entry in results.items():
         if not isinstance(entry, dict) or "runs" not in entry:
             continue
         fp = entry["full_precision"]["top1"]
         lines += [f"### {key} (FP top-1 {fp:.2f}%, widest/median post-LN channel range "
-                  f"{entry['channel_range_ratio_median']:.1f}×)", "",
+                  f"{entry['channel_range_ratio_median']:.1f}×)", "", f"Command: `{entry.get('command', results.get('command'))}`", "",
                   "| W/A | method | avg w bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
                   "|---|---|---|---|---|---|---|"]
         groups: dict[str, list[dict]] = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -85,8 +85,6 @@ def _load_checkpoint(path: Path, fingerprint: str, points: list[str]) -> tuple[t
         return None
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
@@ -121,9 +119,10 @@ def score_importance(
     ``use_labels``; otherwise each image's predicted class is explained), e.g. from
     ``data.load_image_dataset``; images go through ``processor``. Sharded over the processes of
     ``accelerator`` (default: a new ``accelerate.Accelerator``, one process unless launched with
-    ``accelerate launch`` or ``torchrun``; gloo on machines without a GPU). With ``checkpoint_dir``, partial sums are saved every
-    ``checkpoint_every`` batches of each process and a restarted job resumes from them. ``output``: JSON
-    written by the main process (``write_scores``) with ``metadata`` plus the counts of the run.
+    ``accelerate launch`` or ``torchrun``; gloo on machines without a GPU); the model is moved to its device.
+    With ``checkpoint_dir``, partial sums are saved every ``checkpoint_every`` batches of each process and a
+    restarted job resumes from them. ``output``: JSON written by the main process (``write_scores``) with
+    ``metadata`` plus the counts of the run.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm

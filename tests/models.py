@@ -142,12 +142,19 @@ def processor_for(model: nn.Module):
                              image_std=[0.5] * 3, do_convert_rgb=True)
 
 
+_PRETRAINED_CFG_16 = dict(input_size=[3, IMAGE_SIZE, IMAGE_SIZE], crop_pct=1.0, crop_mode="center",
+                          interpolation="bilinear", mean=[0.5] * 3, std=[0.5] * 3, num_classes=NUM_LABELS)
+
+
 def wrapped_timm_vit_16(seed: int = 0) -> nn.Module:
     """``wrapped_timm_vit`` whose ``pretrained_cfg`` describes its 16×16 input, so its processor fits."""
     args = {k: v for k, v in _TIMM_VIT.items() if k != "num_classes"}
-    pretrained_cfg = dict(input_size=[3, IMAGE_SIZE, IMAGE_SIZE], crop_pct=1.0, crop_mode="center",
-                          interpolation="bilinear", mean=[0.5] * 3, std=[0.5] * 3, num_classes=NUM_LABELS)
-    return _wrapped("vit_tiny_patch16_224", args, seed, pretrained_cfg=pretrained_cfg)
+    return _wrapped("vit_tiny_patch16_224", args, seed, pretrained_cfg=_PRETRAINED_CFG_16)
+
+
+def wrapped_timm_swin_16(seed: int = 0) -> nn.Module:
+    args = {k: v for k, v in _TIMM_SWIN.items() if k != "num_classes"}
+    return _wrapped("swin_tiny_patch4_window7_224", args, seed, pretrained_cfg=_PRETRAINED_CFG_16)
 
 
 def save_checkpoint(model: nn.Module, directory) -> str:

@@ -18,8 +18,9 @@ from optimum_lrpqvit import LRPQConfig, LRPQuantizer, applied_config, load_quant
 from optimum_lrpqvit.data import load_fashion_mnist
 from optimum_lrpqvit.jobs import dataset_pixel_values
 
-LOADABLE = {"hf_vit": models.hf_vit, "hf_deit_teacher": models.hf_deit_teacher, "hf_swin": models.hf_swin,
-            "wrapped_timm_vit": models.wrapped_timm_vit_16}
+LOADABLE = {"hf_vit": models.hf_vit, "hf_deit": models.hf_deit, "hf_deit_teacher": models.hf_deit_teacher,
+            "hf_swin": models.hf_swin, "wrapped_timm_vit": models.wrapped_timm_vit_16,
+            "wrapped_timm_swin": models.wrapped_timm_swin_16}
 
 
 def _config(**kwargs):

@@ -59,6 +59,15 @@ def test_scores_equal_compute_importance_on_the_same_images(images):
                                rtol=1e-5, atol=1e-9)
 
 
+def test_a_streamed_dataset_gives_the_same_scores(images):
+    model, processor = models.hf_vit(), models.processor_for(models.hf_vit())
+    expected = score_importance(model, images, processor, batch_size=8, progress=False)
+    streamed = score_importance(model, images.to_iterable_dataset(), processor, batch_size=8, progress=False)
+    assert list(streamed) == list(expected)
+    torch.testing.assert_close(torch.tensor(list(streamed.values())), torch.tensor(list(expected.values())),
+                               rtol=1e-12, atol=0)
+
+
 def test_resume_skips_done_batches_and_rejects_another_job(images, tmp_path):
     model, processor = models.hf_vit(), models.processor_for(models.hf_vit())
     full = score_importance(model, images, processor, batch_size=4, checkpoint_dir=tmp_path, checkpoint_every=2,
