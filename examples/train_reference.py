@@ -7,6 +7,7 @@ load it from the output directory, and a ``training_log.json`` records the run.
     python examples/train_reference.py --arch vit --epochs 5 --out reference_models/vit-fashion-mnist --threads 1
     python examples/train_reference.py --arch deit --epochs 1 --out reference_models/deit-fashion-mnist \\
         --init reference_models/vit-fashion-mnist
+    python examples/train_reference.py --arch vit --epochs 2 --out vit-longer --init reference_models/vit-fashion-mnist
 
 Architectures: ``vit`` (HF ViT), ``deit`` (HF DeiT with distillation token), ``swin`` (HF Swin, 3 stages)
 and ``timm_vit`` (timm VisionTransformer in the HF ``TimmWrapperForImageClassification`` format).
@@ -118,7 +119,13 @@ def _vit_state(path: Path) -> tuple[nn.Module, dict[str, torch.Tensor]]:
 
 
 def warm_start(arch: str, model: nn.Module, init: Path) -> list[str]:
-    """Copy every matching tensor of the HF ViT at ``init`` into ``model``; returns notes for the log."""
+    """Start from the checkpoint at ``init``: one of the same architecture (training continues), or an HF ViT
+    whose matching tensors are copied (deit, timm_vit); returns notes for the log."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if (init / "config.json").is_file() and AutoConfig.from_pretrained(init).model_type == model.config.model_type:
+        model.load_state_dict(AutoModelForImageClassification.from_pretrained(init).state_dict())
+        return [f"continued from {init} (same architecture: every tensor loaded)"]
     vit_model, vit = _vit_state(init)
     target = model.state_dict()
     new: dict[str, torch.Tensor] = {}
@@ -269,7 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arch", choices=ARCHS, required=True)
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--init", type=Path, default=None, help="saved HF ViT to warm-start from")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="checkpoint to start from: the same architecture, or an HF ViT (deit, timm_vit)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -283,8 +291,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be >= 1")
-    if args.init is not None and args.arch == "swin":
-        parser.error("--init (from an HF ViT) is not supported for swin")
     return args
 
 
