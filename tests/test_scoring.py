@@ -146,3 +146,31 @@ def test_two_processes_give_the_scores_of_one(checkpoint, tmp_path):
     assert list(two["scores"]) == list(one)
     torch.testing.assert_close(torch.tensor(list(two["scores"].values()), dtype=torch.float64),
                                torch.tensor(list(one.values()), dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_scoring_streams_a_hub_dataset_by_id(checkpoint, images, tmp_path, local_hub):
+    """`lrpqvit score --dataset namespace/name` streams a parquet dataset repo over HTTP, like ImageNet on the Hub."""
+    from huggingface_hub import HfApi
+    from datasets import load_dataset
+
+    from optimum_lrpqvit.data import prepare_image_dataset
+
+    images.to_parquet(tmp_path / "train.parquet")
+    api = HfApi(endpoint=local_hub.url, token="test-token")
+    api.create_repo("tester/fashion-sample", repo_type="dataset")
+    api.upload_file(path_or_fileobj=tmp_path / "train.parquet", path_in_repo="data/train-00000-of-00001.parquet",
+                    repo_id="tester/fashion-sample", repo_type="dataset")
+    env = {"HF_ENDPOINT": local_hub.url, "HF_TOKEN": "test-token", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
+    job = _cli("score", checkpoint, "--dataset", "tester/fashion-sample", "--num-samples", "24", "--batch-size", "8",
+               "--output", str(tmp_path / "scores.json"), env=env)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out
+    # the same seeded stream, read locally
+    local = prepare_image_dataset(load_dataset("parquet", data_files=str(tmp_path / "train.parquet"), split="train",
+                                               streaming=True), num_samples=24, seed=0)
+    expected = score_importance(models.hf_vit(), local, models.processor_for(models.hf_vit()), batch_size=8,
+                                progress=False)
+    scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    torch.testing.assert_close(torch.tensor(list(scores.values())), torch.tensor(list(expected.values())),
+                               rtol=1e-6, atol=0)

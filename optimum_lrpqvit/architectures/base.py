@@ -33,12 +33,10 @@ class Layout:
     attentions: list[str]
     block_of: dict[str, int] = field(default_factory=dict)
 
-    @abc.abstractmethod
     def weight_points(self) -> list[str]:
         """The points with weights: patch embedding, post-LayerNorm Linears, other Linears."""
         return [self.patch_embed, *(n for _, names in self.post_ln for n in names), *self.linears]
 
-    @abc.abstractmethod
     def points(self) -> list[str]:
         """Every quantized point, as named in the bit plan: the weight points, then for every attention module
         ``.matmul1`` (q·kᵀ), ``.softmax`` (A, log-√2) and ``.matmul2`` (·V)."""
