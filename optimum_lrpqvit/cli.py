@@ -14,7 +14,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   lrpqvit quantize reference_models/vit-fashion-mnist outputs/vit-w4a4 --dataset fashion_mnist \\
       --mixed-precision --num-importance-samples 256 --evaluate
-  accelerate launch --num_processes 2 -m optimum_lrpqvit.cli score google/vit-base-patch16-224 \\
+  accelerate launch --multi_gpu --num_processes 8 -m optimum_lrpqvit.cli score google/vit-base-patch16-224 \\
       --dataset ILSVRC/imagenet-1k --num-samples 50000 --output scores.json --checkpoint-dir scores-ckpt
   lrpqvit quantize google/vit-base-patch16-224 vit-b-w4a4 --dataset ILSVRC/imagenet-1k \\
       --mixed-precision --importance scores.json
@@ -69,7 +69,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("score", help="score LRP layer importance (sharded with accelerate, resumable)",
                        description="Score LRP importance of every quantized layer over a seeded sample of a "
-                                   "dataset. Run under `accelerate launch` to shard over processes or GPUs.")
+                                   "dataset. Run under `accelerate launch --multi_gpu` (GPUs) or `torchrun "
+                                   "--nproc_per_node N` (CPU) to shard over processes.")
     s.add_argument("model", help="float model: Hub id or local directory")
     _data_args(s, "train", "images to score (default: the whole split)")
     s.add_argument("--use-labels", action="store_true", help="explain the label instead of the predicted class")
