@@ -25,7 +25,8 @@ setup(
         "pillow",
         "scipy>=1.9",
         "matplotlib",
+        "jinja2",  # model cards (huggingface_hub.ModelCard.from_template)
     ],
-    extras_require={"dev": ["pytest>=8", "hypothesis>=6"]},
+    extras_require={"dev": ["pytest>=8", "hypothesis>=6", "flask>=2", "requests", "pyyaml"]},
     entry_points={"console_scripts": ["lrpqvit=optimum_lrpqvit.cli:main"]},
 )
