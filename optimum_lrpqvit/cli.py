@@ -131,7 +131,6 @@ def quantize_command(args: argparse.Namespace) -> int:
                         dataset_split=args.split, num_calibration_samples=args.num_calibration_samples,
                         num_importance_samples=args.num_importance_samples)
     model, processor = load_float_model(args.model)
-    evaluation = None
     if args.evaluate:
         test = _load_dataset(args, args.eval_split, args.num_eval_samples)
         pixels, labels = preprocess(test, processor)

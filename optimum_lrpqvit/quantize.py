@@ -20,8 +20,8 @@ from .lrp import compute_importance
 from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
 from .reparam import clip_channel_params, reparam_factors, reparameterize
 
-__all__ = ["PATCH_EMBED_A_BITS", "applied_config", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights", "layer_importance",
-           "mixed_bit_plan", "prepare_model", "quantize"]
+__all__ = ["PATCH_EMBED_A_BITS", "applied_config", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights",
+           "layer_importance", "mixed_bit_plan", "prepare_model", "quantize"]
 
 PATCH_EMBED_A_BITS = 8
 PAPER_FIRST_BLOCKS = 2

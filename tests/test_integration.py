@@ -9,7 +9,6 @@ import pytest
 import requests
 import torch
 import yaml
-from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import models

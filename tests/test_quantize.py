@@ -255,3 +255,19 @@ def test_hf_qkv_projections_quantize_their_shared_input_once():
     quantizers[2].set_params(quantizers[2].scale * 2, quantizers[2].zero_point)
     assert quantizers[2](x) is not outs[0]
     torch.testing.assert_close(quantizers[2](x), quantizers[2].quantize(x.clone()))
+
+
+def test_precomputed_importance_scores_are_used_and_checked(tmp_path):
+    from optimum_lrpqvit.scoring import write_scores
+
+    model = models.deep_timm_vit()
+    scores = quantize(models.deep_timm_vit(), LRPQConfig(mixed_precision=True), models.images(8)).quantization_config
+    write_scores(tmp_path / "s.json", scores.importance_scores, {})
+    config = LRPQConfig(mixed_precision=True, importance_scores=str(tmp_path / "s.json"))
+    applied = quantize(model, config, models.images(8, seed=3)).quantization_config  # other images: same plan
+    assert applied.importance_scores == scores.importance_scores and applied.bit_plan == scores.bit_plan
+    with pytest.raises(ValueError, match="do not fit this model"):
+        quantize(models.hf_vit(), LRPQConfig(mixed_precision=True, allocation="budget",
+                                             importance_scores=scores.importance_scores), models.images(4))
+    with pytest.raises(ValueError, match="importance_scores must be"):
+        LRPQConfig(importance_scores={"a": -1.0})
