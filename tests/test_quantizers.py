@@ -73,7 +73,10 @@ def test_log_sqrt2_fake_quant_equals_codes_then_shift_form(bits, xs):
     x = torch.tensor(xs)
     delta = search_log_sqrt2_delta(x.clamp_min(1e-6), bits)
     expected = dequantize_log_sqrt2_shift(quantize_log_sqrt2(x, delta, bits), delta, bits)
-    assert torch.equal(fake_quant_log_sqrt2(x, delta, bits), expected)
+    got = fake_quant_log_sqrt2(x, delta, bits)
+    normal = (expected == 0) | (expected >= torch.finfo(torch.float32).tiny)  # see dequantize_log_sqrt2_shift
+    assert torch.equal(got[normal], expected[normal])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-44)
 
 
 def test_log_sqrt2_zero_and_underflow_dequantize_to_zero():
