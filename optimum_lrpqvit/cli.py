@@ -1,6 +1,6 @@
 """``lrpqvit``: quantize, score, evaluate and push from the command line (also ``optimum-cli lrpqvit``).
 
-Heavy imports happen inside the commands so that ``--help`` and optimum-cli's command discovery stay fast.
+Each command imports the modules it needs when it runs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 EXAMPLES = """examples:
   lrpqvit quantize reference_models/vit-fashion-mnist outputs/vit-w4a4 --dataset fashion_mnist \\
@@ -237,25 +239,21 @@ def main(argv: list[str] | None = None) -> int:
     return _run(parser, parser.parse_args(argv))
 
 
-try:  # `optimum-cli lrpqvit ...`
-    from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+class LRPQVitOptimumCommand(BaseOptimumCLICommand):
+    """`optimum-cli lrpqvit ...` (registered by optimum/commands/register/lrpqvit.py)."""
 
-    class LRPQVitOptimumCommand(BaseOptimumCLICommand):
-        COMMAND = CommandInfo(name="lrpqvit", help="LRP-QViT post-training quantization (quantize, score, "
-                                                   "evaluate, push)")
+    COMMAND = CommandInfo(name="lrpqvit", help="LRP-QViT post-training quantization (quantize, score, evaluate, push)")
 
-        @staticmethod
-        def parse_args(parser: argparse.ArgumentParser) -> None:
-            parser.epilog = EXAMPLES.replace("lrpqvit ", "optimum-cli lrpqvit ")
-            parser.formatter_class = argparse.RawDescriptionHelpFormatter
-            add_commands(parser)
+    @staticmethod
+    def parse_args(parser: argparse.ArgumentParser) -> None:
+        parser.epilog = EXAMPLES.replace("lrpqvit ", "optimum-cli lrpqvit ")
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        add_commands(parser)
 
-        def run(self) -> None:
-            code = _run(self.parser, self.args)
-            if code:
-                raise SystemExit(code)
-except ImportError:  # optimum is a dependency; this only guards a broken install
-    pass
+    def run(self) -> None:
+        code = _run(self.parser, self.args)
+        if code:
+            raise SystemExit(code)
 
 
 if __name__ == "__main__":

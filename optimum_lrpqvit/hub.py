@@ -573,12 +573,14 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool 
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     operations = []
     for path in sorted(Path(directory).rglob("*")):
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts):
-            content: str | bytes = str(path)
-            if path.relative_to(directory).as_posix() == "README.md":
-                name = os.path.basename(os.path.abspath(directory))
-                content = path.read_text(encoding="utf-8").replace(f'model="{name}"', f'model="{repo_id}"').encode()
-            operations.append(CommitOperationAdd(path.relative_to(directory).as_posix(), content))
+        relative = path.relative_to(directory)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        content: str | bytes = str(path)
+        if relative.as_posix() == "README.md":
+            name = Path(directory).resolve().name
+            content = path.read_text(encoding="utf-8").replace(f'model="{name}"', f'model="{repo_id}"').encode()
+        operations.append(CommitOperationAdd(relative.as_posix(), content))
     info = api.create_commit(repo_id, operations, revision=revision,
                              commit_message=commit_message or f"Upload {config.bit_plan_summary['avg_w_bits']}-bit "
                                                               "LRP-QViT quantized model")

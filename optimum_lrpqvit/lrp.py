@@ -143,6 +143,21 @@ def check_targets(targets: object, n: int, num_classes: int) -> torch.Tensor | N
     return targets.long()
 
 
+def float32_model(model: nn.Module) -> nn.Module:
+    """``model`` itself when all its parameters are float32 (scoring needs float32), else a float32 copy."""
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return copy.deepcopy(model).float()
+    return model
+
+
+def normalised(sums: dict[str, float]) -> dict[str, float]:
+    """I_l = C_l / Σ C_l'; ValueError when every layer scored zero."""
+    total = sum(sums.values())
+    if not total > 0:
+        raise ValueError("Every layer scored zero importance (no positive gradient ⊙ relevance); check the data.")
+    return {point: value / total for point, value in sums.items()}
+
+
 def compute_importance(
     model: nn.Module, data: object, targets: Sequence[int] | torch.Tensor | None = None, batch_size: int = 32
 ) -> dict[str, float]:
@@ -155,9 +170,7 @@ def compute_importance(
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     family = find_family(model)
     pixels = as_pixel_values(data, *family.input_shape(model))
-    scored = model
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        scored = copy.deepcopy(model).float()
+    scored = float32_model(model)
     device = next(scored.parameters()).device
     with torch.no_grad():
         num_classes = family.logits(scored, pixels[:1].to(device)).shape[-1]
@@ -168,7 +181,4 @@ def compute_importance(
         contributions = image_contributions(scored, pixels[start:start + batch_size].to(device), batch_targets)
         for point, c in contributions.items():
             sums[point] = sums.get(point, 0.0) + c.double().sum().item()
-    total = sum(sums.values())
-    if not total > 0:
-        raise ValueError("Every layer scored zero importance (no positive gradient ⊙ relevance); check the data.")
-    return {point: value / total for point, value in sums.items()}
+    return normalised(sums)

@@ -12,7 +12,6 @@ on the same images up to the order of float64 additions.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -25,12 +24,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .architectures import find_family
 from .data import images_to_pixel_values
-from .lrp import check_targets, image_contributions
+from .lrp import check_targets, float32_model, image_contributions, normalised
 
 __all__ = ["SCORES_FORMAT", "read_scores", "score_importance", "write_scores"]
 
@@ -84,16 +83,15 @@ def _load_checkpoint(path: Path, fingerprint: str, points: list[str]) -> tuple[t
     if not path.exists():
         return None
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            sums = f.get_tensor("sums")
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"Scoring checkpoint {path} is unreadable ({error}); delete it to start this "
                          "process's shard again.") from None
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(f"Scoring checkpoint {path} belongs to a different job (other model, data, batch size, "
                          "targets or number of processes). Use another --checkpoint-dir, or delete it to start over.")
-    sums = tensors["sums"]
     if sums.shape != (len(points),):
         raise ValueError(f"Scoring checkpoint {path} has {sums.shape} sums for {len(points)} points; delete it.")
     return sums, int(meta["batches_done"]), int(meta["images"])
@@ -133,9 +131,7 @@ def score_importance(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     family = find_family(model)
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model = copy.deepcopy(model).float()
-    model = model.eval().to(accelerator.device)
+    model = float32_model(model).eval().to(accelerator.device)
     points = family.layout(model).points()
     channels = family.input_shape(model)[0]
     iterable = not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__")
@@ -176,12 +172,14 @@ def score_importance(
     bar = tqdm(total=total, initial=done, desc="scoring importance", unit="batch", disable=not (
         progress and accelerator.is_main_process))
     started = time.perf_counter()
+    num_classes = None
     for rows in batches:
         pixels = images_to_pixel_values(rows["image"], processor, channels).to(accelerator.device)
         targets = None
         if use_labels:
-            with torch.no_grad():
-                num_classes = family.logits(model, pixels[:1]).shape[-1]
+            if num_classes is None:
+                with torch.no_grad():
+                    num_classes = family.logits(model, pixels[:1]).shape[-1]
             targets = check_targets(rows["label"], len(pixels), num_classes)
         contributions = image_contributions(model, pixels, targets)
         sums += torch.stack([contributions[point].double().sum() for point in points])
@@ -198,9 +196,7 @@ def score_importance(
     sums, n_images = totals[:-1], int(totals[-1])
     if n_images == 0:
         raise ValueError("The importance dataset is empty.")
-    if not float(sums.sum()) > 0:
-        raise ValueError("Every layer scored zero importance (no positive gradient ⊙ relevance); check the data.")
-    scores = dict(zip(points, (sums / sums.sum()).tolist()))
+    scores = normalised(dict(zip(points, sums.tolist())))
     if output is not None and accelerator.is_main_process:
         write_scores(output, scores, {**(metadata or {}), "num_images": n_images, "batch_size": batch_size,
                                       "targets": "labels" if use_labels else "predicted", "processes": world,
