@@ -83,11 +83,11 @@ def timm_pretrained_cfg() -> dict[str, Any]:
 
 
 def build_processor(arch: str) -> Any:
-    """The image processor saved next to the model (HF archs: ViTImageProcessor converting gray -> RGB)."""
-    if arch == "timm_vit":
-        from transformers import TimmWrapperImageProcessor
+    """The image processor saved next to the model: a ViTImageProcessor converting gray -> RGB, for every arch.
 
-        return TimmWrapperImageProcessor(pretrained_cfg=timm_pretrained_cfg(), architecture=TIMM_ARCHITECTURE)
+    For timm_vit it stands in for TimmWrapperImageProcessor, whose timm transforms cannot take grayscale
+    images; it computes the same tensors as timm's eval transform on RGB input (see ``save_timm_processor``).
+    """
     from transformers import ViTImageProcessor
 
     size = IMAGE_SIZE[arch]
@@ -241,13 +241,7 @@ def verify_saved(arch: str, out: Path, model: nn.Module, test_images: np.ndarray
     processor = AutoImageProcessor.from_pretrained(out)
     gray = [Image.fromarray(img, mode="L") for img in test_images[:16]]
     report: dict[str, Any] = {"processor": type(processor).__name__, "max_abs_logits_diff": logits_diff}
-    try:
-        pixels = processor(gray, return_tensors="pt")["pixel_values"]
-        report["processor_accepts_grayscale"] = True
-    except RuntimeError as error:  # TimmWrapperImageProcessor: timm's transforms do not convert to RGB
-        report["processor_accepts_grayscale"] = False
-        report["grayscale_error"] = str(error)
-        pixels = processor([img.convert("RGB") for img in gray], return_tensors="pt")["pixel_values"]
+    pixels = processor(gray, return_tensors="pt")["pixel_values"]  # grayscale PIL images as they are
     report["max_abs_pixel_diff_vs_training_tensors"] = float((pixels - batch).abs().max())
     if report["max_abs_pixel_diff_vs_training_tensors"] > 1e-4:
         raise RuntimeError(f"processor output differs from the training tensors: {report}")
@@ -268,6 +262,20 @@ def verify_saved(arch: str, out: Path, model: nn.Module, test_images: np.ndarray
     if report["pipeline_top1_on_grayscale"] != report["model_top1"]:
         raise RuntimeError(f"pipeline() disagrees with the model: {report}")
     return report
+
+
+def save_timm_processor(out: Path, processor: Any) -> None:
+    """Make ``AutoImageProcessor`` load ``processor`` for the TimmWrapper checkpoint at ``out``.
+
+    For a local timm checkpoint transformers reads the processor settings from config.json (the Hub is tried
+    for preprocessor_config.json first); naming ``image_processor_type`` there sends both to the
+    preprocessor_config.json written here, so local directories and Hub repos load the same processor.
+    """
+    processor.save_pretrained(out)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["image_processor_type"] = type(processor).__name__
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -376,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         state = load_file(str(weights))
         save_file({k.removeprefix("timm_model."): v for k, v in state.items()}, str(weights),
                   metadata={"format": "pt"})
+        save_timm_processor(args.out, processor)
     else:
         processor.save_pretrained(args.out)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
