@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 DEFAULT_CANDIDATES: tuple[int, ...] = (3, 4, 5, 6, 8)
-IMPORTANCE_KINDS: tuple[str, ...] = ("lrp", "random", "uniform")
+IMPORTANCE_KINDS: tuple[str, ...] = ("lrp", "lrp_per_role", "random", "uniform")
 _MIN_BITS, _MAX_BITS = 2, 8
 
 
@@ -280,7 +280,9 @@ def importance_scores(
     """Relative importance I_l (Σ_l I_l = 1) of ``points`` by criterion ``kind``.
 
     ``"lrp"``: the given scores C_l normalised, I_l = C_l / Σ C (extra keys in ``lrp``, e.g. activation-only
-    points, are ignored); ``"random"``: u_l ~ U(0, 1] from ``numpy.random.default_rng(seed)`` assigned in
+    points, are ignored); ``"lrp_per_role"``: each C_l first divided by the mean C of the points in the same
+    role (the last part of the name: ``q_proj``, ``fc1``, ``matmul1``, … across blocks), so that layers are
+    compared with their counterparts in other blocks rather than across roles; ``"random"``: u_l ~ U(0, 1] from ``numpy.random.default_rng(seed)`` assigned in
     sorted point order, normalised (independent of the order of ``points``); ``"uniform"``: I_l = 1/n.
     """
     if kind not in IMPORTANCE_KINDS:
@@ -301,7 +303,7 @@ def importance_scores(
         by_name = dict(zip(ordered, values.tolist()))
         return {p: by_name[p] for p in points}
     if not lrp:
-        raise ValueError("kind='lrp' needs the LRP scores: pass lrp={point: score}.")
+        raise ValueError(f"kind={kind!r} needs the LRP scores: pass lrp={{point: score}}.")
     missing = [p for p in points if p not in lrp]
     if missing:
         raise ValueError(f"The LRP scores are missing points: {missing}.")
@@ -314,6 +316,12 @@ def importance_scores(
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"lrp[{p!r}] must be finite and >= 0, got {lrp[p]!r}.")
         raw[p] = v
+    if kind == "lrp_per_role":
+        roles: dict[str, list[float]] = {}
+        for p, v in raw.items():
+            roles.setdefault(p.rsplit(".", 1)[-1], []).append(v)
+        role_mean = {role: sum(values) / len(values) for role, values in roles.items()}
+        raw = {p: v / role_mean[p.rsplit(".", 1)[-1]] if v > 0 else 0.0 for p, v in raw.items()}
     total = sum(raw.values())
     if total <= 0:
         raise ValueError("The LRP scores of the points sum to 0; cannot normalise them.")

@@ -54,7 +54,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--mixed-precision", action="store_true", help="allocate bits per layer by importance")
     q.add_argument("--allocation", default="paper", choices=["paper", "budget"], help="bit allocation rule")
     q.add_argument("--importance", default="lrp",
-                   help="lrp, random, uniform, or a scores JSON written by `lrpqvit score` (default lrp)")
+                   help="lrp, lrp_per_role, random, uniform, or a scores JSON written by `lrpqvit score` (default lrp)")
     q.add_argument("--dataset", default="fashion_mnist", help="calibration data (see `score --help`)")
     q.add_argument("--split", default="train", help="calibration split (default train)")
     q.add_argument("--num-calibration-samples", type=int, default=32, help="calibration images (default 32)")
@@ -119,13 +119,13 @@ def _print_table(rows: list[tuple[str, dict]], title: str) -> None:
 
 
 def quantize_command(args: argparse.Namespace) -> int:
-    from .config import LRPQConfig
+    from .config import IMPORTANCES, LRPQConfig
     from .data import preprocess
     from .evaluation import fidelity, predict_logits
     from .jobs import load_float_model, quantize_from_dataset, save_quantized_model
     from .quantize import applied_config
 
-    criterion = args.importance if args.importance in ("lrp", "random", "uniform") else "lrp"
+    criterion = args.importance if args.importance in IMPORTANCES else "lrp"
     scores = None if criterion == args.importance else args.importance
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
                         mixed_precision=args.mixed_precision or scores is not None, allocation=args.allocation,

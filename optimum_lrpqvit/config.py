@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .allocation import IMPORTANCE_KINDS
 from .quantizers import DEFAULT_PERCENTILES, check_bits
 
 __all__ = ["ALLOCATIONS", "IMPORTANCES", "LRPQConfig", "POST_LN_MODES", "QUANT_METHOD"]
@@ -15,7 +16,7 @@ __all__ = ["ALLOCATIONS", "IMPORTANCES", "LRPQConfig", "POST_LN_MODES", "QUANT_M
 QUANT_METHOD = "lrpqvit"
 POST_LN_MODES = ("layerwise", "channelwise", "repq", "crl")
 ALLOCATIONS = ("paper", "budget")
-IMPORTANCES = ("lrp", "random", "uniform")
+IMPORTANCES = IMPORTANCE_KINDS
 FORMAT_VERSION = 1
 
 
@@ -44,14 +45,15 @@ class LRPQConfig(QuantizationConfigMixin):
             maximising the importance-weighted reduction of weight quantization error at an average of
             exactly ≤ w_bits (an integer program).
         importance (`str`, *optional*, defaults to `"lrp"`):
-            `"lrp"` (LRP relevance ⊙ gradient), or `"random"` / `"uniform"` for ablations at equal size.
+            `"lrp"` (LRP relevance ⊙ gradient), `"lrp_per_role"` (the same scores normalised within each layer
+            role, e.g. all `fc1` layers, before ranking), or `"random"` / `"uniform"` for ablations at equal size.
         candidate_bits (`list[int]`, *optional*, defaults to `[3, 4, 5, 6, 8]`):
             Weight bits the `"budget"` allocation may choose from.
         num_importance_samples (`int`, *optional*):
             Images scored for importance (a seeded random subset); all of the importance data by default.
         importance_scores (`dict` or `str`, *optional*):
             Precomputed importance `{point name: score}`, or the path of a JSON file written by
-            `lrpqvit score` / `score_importance`; used instead of scoring when `importance="lrp"`. Set by
+            `lrpqvit score` / `score_importance`; used instead of scoring by the LRP criteria. Set by
             `quantize` to the scores it used.
         seed (`int`, *optional*, defaults to 0):
             Fixes every random choice (calibration and importance samples, random importance).
@@ -120,6 +122,11 @@ class LRPQConfig(QuantizationConfigMixin):
         for key, value in kwargs.items():
             setattr(self, key, value)
         self.post_init()
+
+    @property
+    def needs_lrp_scores(self) -> bool:
+        """Whether quantizing with this config scores LRP importance (none precomputed, an LRP criterion)."""
+        return self.mixed_precision and self.importance.startswith("lrp") and self.importance_scores is None
 
     def post_init(self) -> None:
         """Validate the fields; ValueError says which one is wrong and what is accepted."""

@@ -77,15 +77,15 @@ def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importa
 
 
 def layer_importance(model: nn.Module, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> dict[str, float]:
-    """Relative importance of every quantized point by ``config.importance`` (seeded); for ``"lrp"``, the
+    """Relative importance of every quantized point by ``config.importance`` (seeded); the LRP criteria use the
     config's precomputed ``importance_scores`` when it has them (they must name exactly these points)."""
     points = layout.points()
-    lrp_scores = config.importance_scores if config.importance == "lrp" else None
+    lrp_scores = config.importance_scores if config.importance.startswith("lrp") else None
     if lrp_scores is not None and set(lrp_scores) != set(points):
         missing, extra = sorted(set(points) - set(lrp_scores)), sorted(set(lrp_scores) - set(points))
         raise ValueError(f"importance_scores do not fit this model (missing {missing[:4]}, unknown {extra[:4]}): "
                          "they were scored on another architecture. Score this model with `lrpqvit score`.")
-    if config.importance == "lrp" and lrp_scores is None:
+    if config.needs_lrp_scores:
         if config.num_importance_samples is not None and config.num_importance_samples < len(pixels):
             generator = torch.Generator().manual_seed(config.seed)
             pixels = pixels[torch.randperm(len(pixels), generator=generator)[: config.num_importance_samples]]

@@ -125,22 +125,22 @@ class _MatMul(torch.autograd.Function):
 
 class _PassThrough(torch.autograd.Function):
     """y = fn(x) for an elementwise-shaped op (LayerNorm, GELU, softmax, scaling, constant bias):
-    relevance passes unchanged; the gradient is fn's own."""
+    relevance passes unchanged; the gradient is fn's own, from fn's autograd graph built in the forward
+    (so the gradient pass does not evaluate fn again)."""
 
     @staticmethod
     def forward(ctx, x, fn, recorder):
-        ctx.save_for_backward(x)
-        ctx.fn, ctx.recorder = fn, recorder
-        return fn(x)
+        ctx.recorder = recorder
+        with torch.enable_grad():
+            ctx.x = x.detach().requires_grad_()
+            ctx.y = fn(ctx.x)
+        return ctx.y.detach()
 
     @staticmethod
     def backward(ctx, signal):
         if ctx.recorder.mode != "grad":
             return signal, None, None
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            x = x.detach().requires_grad_()
-            (grad,) = torch.autograd.grad(ctx.fn(x), x, signal)
+        (grad,) = torch.autograd.grad(ctx.y, ctx.x, signal)
         return grad, None, None
 
 

@@ -274,6 +274,22 @@ def test_importance_uniform_and_lrp():
         "blocks.0.qkv": 0.5, "blocks.0.proj": 0.25, "blocks.1.fc1": 0.25, "head": 0.0}
 
 
+@given(st.lists(st.floats(1e-6, 1e3), min_size=3, max_size=3), st.lists(st.floats(1e-6, 1e3), min_size=2, max_size=2),
+       st.floats(1e-3, 1e3))
+def test_importance_lrp_per_role_compares_layers_with_their_own_role(fc1, proj, factor):
+    points = ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1", "blocks.0.attn.proj", "blocks.1.attn.proj"]
+    scores = dict(zip(points, fc1 + proj))
+    per_role = importance_scores("lrp_per_role", points, scores, seed=0)
+    assert sum(per_role.values()) == pytest.approx(1.0)
+    for role in ("fc1", "proj"):  # every role gets the same total mass per layer, ordered as before within it
+        mine = [p for p in points if p.endswith(role)]
+        assert sum(per_role[p] for p in mine) / len(mine) == pytest.approx(1 / len(points))
+        assert sorted(mine, key=per_role.get) == sorted(mine, key=scores.get)
+    rescaled = {p: v * factor if p.endswith("fc1") else v for p, v in scores.items()}  # a role's scale is ignored
+    assert importance_scores("lrp_per_role", points, rescaled, seed=0) == pytest.approx(per_role)
+    assert importance_scores("lrp_per_role", points, per_role, seed=0) == pytest.approx(per_role)  # idempotent
+
+
 @pytest.mark.parametrize("lrp, match", [
     (None, "needs the LRP scores"),
     ({}, "needs the LRP scores"),
@@ -288,7 +304,7 @@ def test_importance_lrp_rejects_bad_scores(lrp, match):
 
 
 def test_importance_rejects_unknown_kind_and_bad_points():
-    with pytest.raises(ValueError, match=r"\['lrp', 'random', 'uniform'\]"):
+    with pytest.raises(ValueError, match=r"\['lrp', 'lrp_per_role', 'random', 'uniform'\]"):
         importance_scores("hessian", POINTS, None, seed=0)
     with pytest.raises(ValueError, match="non-empty"):
         importance_scores("uniform", [], None, seed=0)
