@@ -108,27 +108,38 @@ def _mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, name: str) -> str:
     """One table per model variant; runs that differ only in their seed are averaged (mean ± std)."""
-    lines = []
-    for key, entry in results.items():
+    lines = [f"Made with `python benchmarks/{name}.py` (every model, bits and seed of the grid; it skips the runs "
+             f"already in {name}.json, so the grid was filled by several partial runs at once, each entry's "
+             "last one recorded there as `command`).", ""]
+    for key, entry in sorted(results.items()):
         if not isinstance(entry, dict) or "runs" not in entry:
             continue
         fp = entry["full_precision"]["top1"]
         lines += [f"### {key} (FP top-1 {fp:.2f}%, widest/median post-LN channel range "
-                  f"{entry['channel_range_ratio_median']:.1f}×)", "", f"Command: `{entry.get('command', results.get('command'))}`", "",
+                  f"{entry['channel_range_ratio_median']:.1f}×)", "",
                   "| W/A | method | avg w bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
                   "|---|---|---|---|---|---|---|"]
         groups: dict[str, list[dict]] = {}
         for run_key, metrics in entry["runs"].items():
             groups.setdefault(run_key.rsplit("/seed=", 1)[0], []).append(metrics)
-        for group, runs in groups.items():
+        for group, runs in sorted(groups.items(), key=lambda item: int(item[0][1:].split("A", 1)[0])):
             wa, method = group.split("/", 1)
             lines.append(f"| {wa[1:].replace('A', '/')} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['top1'] for r in runs], 2)} | {_mean_std([r['agreement'] for r in runs], 2)} "
                          f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_markdown(name: str, results: dict | None = None) -> str:
+    """Write benchmarks/results/<name>.md from ``results`` (default: the saved <name>.json); returns it."""
+    if results is None:
+        results = json.loads((RESULTS / f"{name}.json").read_text())
+    table = markdown(results, name)
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    return table
 
 
 def default_models() -> list[str]:
@@ -144,15 +155,17 @@ def main() -> None:
     parser.add_argument("--crl-k", nargs="*", type=float, default=[])
     parser.add_argument("--variants", nargs="+", default=["original", "stress"], choices=["original", "stress"])
     parser.add_argument("--num-eval", type=int, default=10_000)
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite accuracy.md from accuracy.json")
     args = parser.parse_args()
+    if args.markdown_only:
+        print(write_markdown("accuracy"))
+        return
     jobs: list[Job] = [(f"W{b}A{b}/{post}", {"w_bits": b, "a_bits": b, "post_ln": post}, seed)
                        for b in args.bits for post in args.post_ln
                        for seed in (args.seeds if b == 4 else args.seeds[:1])]
     jobs += [(f"W4A4/crl k={k:g}", {"post_ln": "crl", "crl_k": k}, seed) for k in args.crl_k for seed in args.seeds]
     results = run_jobs(args.models or default_models(), jobs, tuple(args.variants), "accuracy", args.num_eval)
-    table = markdown(results)
-    (RESULTS / "accuracy.md").write_text(table + "\n")
-    print(table)
+    print(write_markdown("accuracy", results))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from accuracy import RESULTS, Job, default_models, markdown, run_jobs
+from accuracy import Job, default_models, run_jobs, write_markdown
 
 METHODS = {
     "fixed crl": {},
@@ -32,13 +32,16 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num-eval", type=int, default=10_000)
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite mixed_precision.md from mixed_precision.json")
     args = parser.parse_args()
+    if args.markdown_only:
+        print(write_markdown("mixed_precision"))
+        return
     jobs: list[Job] = [(f"W{b}A{b}/{m}", {"w_bits": b, "a_bits": b, "post_ln": "crl", **METHODS[m]}, seed)
                        for b in args.bits for m in args.methods for seed in args.seeds]
     results = run_jobs(args.models or default_models(), jobs, ("original",), "mixed_precision", args.num_eval)
-    table = markdown(results)
-    (RESULTS / "mixed_precision.md").write_text(table + "\n")
-    print(table)
+    print(write_markdown("mixed_precision", results))
 
 
 if __name__ == "__main__":
