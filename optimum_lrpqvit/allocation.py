@@ -282,8 +282,9 @@ def importance_scores(
     ``"lrp"``: the given scores C_l normalised, I_l = C_l / Σ C (extra keys in ``lrp``, e.g. activation-only
     points, are ignored); ``"lrp_per_role"``: each C_l first divided by the mean C of the points in the same
     role (the last part of the name: ``q_proj``, ``fc1``, ``matmul1``, … across blocks), so that layers are
-    compared with their counterparts in other blocks rather than across roles; ``"random"``: u_l ~ U(0, 1] from ``numpy.random.default_rng(seed)`` assigned in
-    sorted point order, normalised (independent of the order of ``points``); ``"uniform"``: I_l = 1/n.
+    compared with their counterparts in other blocks rather than across roles; ``"random"``: u_l ~ U(0, 1]
+    from ``numpy.random.default_rng(seed)`` assigned in sorted point order, normalised (independent of the
+    order of ``points``); ``"uniform"``: I_l = 1/n.
     """
     if kind not in IMPORTANCE_KINDS:
         raise ValueError(f"Unknown importance kind {kind!r}; valid kinds are {list(IMPORTANCE_KINDS)}.")
