@@ -90,7 +90,7 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
                 calib, _ = preprocess(train, processor, sample_indices(seed, num_calibration, len(train)),
                                       progress=False)
                 importance = None
-                if config.needs_lrp_scores:
+                if config.measures_importance:
                     importance, _ = preprocess(train, processor, sample_indices(
                         seed, num_importance, len(train), offset=num_calibration), progress=False)
                 quantized = quantize(copy.deepcopy(model), config, calib, importance_data=importance)

@@ -3,8 +3,8 @@
     python benchmarks/mixed_precision.py [--models ...] [--bits 3 4 6] [--seeds 0 1 2] [--num-eval 10000]
 
 For each reference model and average bit width b (W = A = b): fixed-bit CRL; LRP importance with the paper
-rule and with the budget (integer program) allocation; LRP normalised per layer role, random and uniform
-importance with the paper rule (same size as LRP's plan). 32 calibration images and 256 importance images per seed, drawn from the train
+rule and with the budget (integer program) allocation; LRP normalised per layer role, Fisher, random and
+uniform importance with the paper rule (same size as LRP's plan). 32 calibration images and 256 importance images per seed, drawn from the train
 split; evaluated on the test images (top-1, agreement with full precision, KL(FP ‖ quantized)).
 Writes benchmarks/results/mixed_precision.json and .md.
 """
@@ -20,6 +20,7 @@ METHODS = {
     "lrp paper": {"mixed_precision": True, "importance": "lrp", "allocation": "paper"},
     "lrp budget": {"mixed_precision": True, "importance": "lrp", "allocation": "budget"},
     "lrp_per_role paper": {"mixed_precision": True, "importance": "lrp_per_role", "allocation": "paper"},
+    "fisher paper": {"mixed_precision": True, "importance": "fisher", "allocation": "paper"},
     "random paper": {"mixed_precision": True, "importance": "random", "allocation": "paper"},
     "uniform paper": {"mixed_precision": True, "importance": "uniform", "allocation": "paper"},
 }

@@ -28,12 +28,13 @@ __all__ = [
     "budget_allocation",
     "importance_scores",
     "paper_allocation",
+    "quantization_residual",
     "plan_summary_bits",
     "weight_quantization_errors",
 ]
 
 DEFAULT_CANDIDATES: tuple[int, ...] = (3, 4, 5, 6, 8)
-IMPORTANCE_KINDS: tuple[str, ...] = ("lrp", "lrp_per_role", "random", "uniform")
+IMPORTANCE_KINDS: tuple[str, ...] = ("lrp", "lrp_per_role", "fisher", "random", "uniform")
 _MIN_BITS, _MAX_BITS = 2, 8
 
 
@@ -237,16 +238,23 @@ def budget_allocation(
 # ---------------------------------------------------------------------------------------------- errors
 
 @torch.no_grad()
+def quantization_residual(weight: torch.Tensor, bits: int,
+                          percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
+    """Ŵ − W for per-output-channel uniform quantization of ``weight`` to ``bits`` with the percentile/MSE range
+    search (``search_uniform_params`` over the ``(fan_in, out_channels)`` view, as ``QuantLinear`` /
+    ``QuantConv2d`` do), in float32 and the weight's shape."""
+    cols = weight.detach().float().reshape(weight.shape[0], -1).t()
+    scale, zero = search_uniform_params(cols, bits, channelwise=True, percentiles=percentiles)
+    return (fake_quant_uniform(cols, scale, zero, bits) - cols).t().reshape(weight.shape)
+
+
 def weight_quantization_errors(
     weights: Mapping[str, torch.Tensor],
     candidates: Sequence[int] = DEFAULT_CANDIDATES,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> dict[str, dict[int, float]]:
-    """Relative weight-quantization error e_l[b] = ‖Ŵ − W‖² / ‖W‖² for each point and candidate b.
-
-    Ŵ is per-output-channel uniform quantization with the percentile/MSE range search
-    (``search_uniform_params`` over the ``(fan_in, out_channels)`` view, as ``QuantLinear`` / ``QuantConv2d``
-    do). An all-zero weight has error 0.
+    """Relative weight-quantization error e_l[b] = ‖Ŵ − W‖² / ‖W‖² for each point and candidate b
+    (Ŵ − W from ``quantization_residual``). An all-zero weight has error 0.
     """
     cands = _check_candidates(candidates)
     if not isinstance(weights, Mapping) or not weights:
@@ -258,14 +266,9 @@ def weight_quantization_errors(
         if w.dim() not in (2, 4) or w.numel() == 0:
             raise ValueError(f"weights[{name!r}] must be a non-empty 2-D Linear (out, in) or 4-D conv weight, "
                              f"got shape {tuple(w.shape)}.")
-        cols = w.detach().float().reshape(w.shape[0], -1).t()
-        norm = cols.double().pow(2).sum().item()
-        row = {}
-        for b in cands:
-            scale, zero = search_uniform_params(cols, b, channelwise=True, percentiles=percentiles)
-            diff = (fake_quant_uniform(cols, scale, zero, b) - cols).double().pow(2).sum().item()
-            row[b] = diff / norm if norm > 0 else 0.0
-        out[name] = row
+        norm = w.detach().double().pow(2).sum().item()
+        out[name] = {b: quantization_residual(w, b, percentiles).double().pow(2).sum().item() / norm if norm > 0
+                     else 0.0 for b in cands}
     return out
 
 
@@ -274,17 +277,18 @@ def weight_quantization_errors(
 def importance_scores(
     kind: str,
     points: Sequence[str],
-    lrp: Mapping[str, float] | None = None,
+    scores: Mapping[str, float] | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Relative importance I_l (Σ_l I_l = 1) of ``points`` by criterion ``kind``.
 
-    ``"lrp"``: the given scores C_l normalised, I_l = C_l / Σ C (extra keys in ``lrp``, e.g. activation-only
-    points, are ignored); ``"lrp_per_role"``: each C_l first divided by the mean C of the points in the same
-    role (the last part of the name: ``q_proj``, ``fc1``, ``matmul1``, … across blocks), so that layers are
-    compared with their counterparts in other blocks rather than across roles; ``"random"``: u_l ~ U(0, 1]
-    from ``numpy.random.default_rng(seed)`` assigned in sorted point order, normalised (independent of the
-    order of ``points``); ``"uniform"``: I_l = 1/n.
+    ``"lrp"`` and ``"fisher"``: the measured ``scores`` C_l (``lrp.compute_importance``,
+    ``fisher.fisher_importance``) normalised, I_l = C_l / Σ C (extra keys, e.g. activation-only points, are
+    ignored); ``"lrp_per_role"``: each C_l first divided by the mean C of the points in the same role (the last
+    part of the name: ``q_proj``, ``fc1``, ``matmul1``, … across blocks), so that layers are compared with
+    their counterparts in other blocks rather than across roles; ``"random"``: u_l ~ U(0, 1] from
+    ``numpy.random.default_rng(seed)`` assigned in sorted point order, normalised (independent of the order
+    of ``points``); ``"uniform"``: I_l = 1/n.
     """
     if kind not in IMPORTANCE_KINDS:
         raise ValueError(f"Unknown importance kind {kind!r}; valid kinds are {list(IMPORTANCE_KINDS)}.")
@@ -303,19 +307,19 @@ def importance_scores(
         values = values / values.sum()
         by_name = dict(zip(ordered, values.tolist()))
         return {p: by_name[p] for p in points}
-    if not lrp:
-        raise ValueError(f"kind={kind!r} needs the LRP scores: pass lrp={{point: score}}.")
-    missing = [p for p in points if p not in lrp]
+    if not scores:
+        raise ValueError(f"kind={kind!r} needs the measured scores: pass scores={{point: score}}.")
+    missing = [p for p in points if p not in scores]
     if missing:
-        raise ValueError(f"The LRP scores are missing points: {missing}.")
+        raise ValueError(f"The scores are missing points: {missing}.")
     raw = {}
     for p in points:
         try:
-            v = float(lrp[p])
+            v = float(scores[p])
         except (TypeError, ValueError):
-            raise ValueError(f"lrp[{p!r}] must be a real number, got {lrp[p]!r}.") from None
+            raise ValueError(f"scores[{p!r}] must be a real number, got {scores[p]!r}.") from None
         if not math.isfinite(v) or v < 0:
-            raise ValueError(f"lrp[{p!r}] must be finite and >= 0, got {lrp[p]!r}.")
+            raise ValueError(f"scores[{p!r}] must be finite and >= 0, got {scores[p]!r}.")
         raw[p] = v
     if kind == "lrp_per_role":
         roles: dict[str, list[float]] = {}
@@ -325,5 +329,5 @@ def importance_scores(
         raw = {p: v / role_mean[p.rsplit(".", 1)[-1]] if v > 0 else 0.0 for p, v in raw.items()}
     total = sum(raw.values())
     if total <= 0:
-        raise ValueError("The LRP scores of the points sum to 0; cannot normalise them.")
+        raise ValueError("The scores of the points sum to 0; cannot normalise them.")
     return {p: v / total for p, v in raw.items()}

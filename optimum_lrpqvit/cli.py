@@ -54,7 +54,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--mixed-precision", action="store_true", help="allocate bits per layer by importance")
     q.add_argument("--allocation", default="paper", choices=["paper", "budget"], help="bit allocation rule")
     q.add_argument("--importance", default="lrp",
-                   help="lrp, lrp_per_role, random, uniform, or a scores JSON written by `lrpqvit score` (default lrp)")
+                   help="lrp, lrp_per_role, fisher, random, uniform, or a scores JSON written by `lrpqvit score` "
+                        "(default lrp)")
     q.add_argument("--dataset", default="fashion_mnist", help="calibration data (see `score --help`)")
     q.add_argument("--split", default="train", help="calibration split (default train)")
     q.add_argument("--num-calibration-samples", type=int, default=32, help="calibration images (default 32)")

@@ -17,6 +17,7 @@ QUANT_METHOD = "lrpqvit"
 POST_LN_MODES = ("layerwise", "channelwise", "repq", "crl")
 ALLOCATIONS = ("paper", "budget")
 IMPORTANCES = IMPORTANCE_KINDS
+MEASURED_IMPORTANCES = ("lrp", "lrp_per_role", "fisher")
 FORMAT_VERSION = 1
 
 
@@ -46,14 +47,15 @@ class LRPQConfig(QuantizationConfigMixin):
             exactly ≤ w_bits (an integer program).
         importance (`str`, *optional*, defaults to `"lrp"`):
             `"lrp"` (LRP relevance ⊙ gradient), `"lrp_per_role"` (the same scores normalised within each layer
-            role, e.g. all `fc1` layers, before ranking), or `"random"` / `"uniform"` for ablations at equal size.
+            role, e.g. all `fc1` layers, before ranking), `"fisher"` (diagonal Fisher × weight quantization
+            error at `w_bits`), or `"random"` / `"uniform"` for ablations at equal size.
         candidate_bits (`list[int]`, *optional*, defaults to `[3, 4, 5, 6, 8]`):
             Weight bits the `"budget"` allocation may choose from.
         num_importance_samples (`int`, *optional*):
             Images scored for importance (a seeded random subset); all of the importance data by default.
         importance_scores (`dict` or `str`, *optional*):
             Precomputed importance `{point name: score}`, or the path of a JSON file written by
-            `lrpqvit score` / `score_importance`; used instead of scoring by the LRP criteria. Set by
+            `lrpqvit score` / `score_importance`; used instead of measuring by the LRP and Fisher criteria. Set by
             `quantize` to the scores it used.
         seed (`int`, *optional*, defaults to 0):
             Fixes every random choice (calibration and importance samples, random importance).
@@ -124,9 +126,11 @@ class LRPQConfig(QuantizationConfigMixin):
         self.post_init()
 
     @property
-    def needs_lrp_scores(self) -> bool:
-        """Whether quantizing with this config scores LRP importance (none precomputed, an LRP criterion)."""
-        return self.mixed_precision and self.importance.startswith("lrp") and self.importance_scores is None
+    def measures_importance(self) -> bool:
+        """Whether quantizing with this config measures importance on data (a measured criterion: LRP or
+        Fisher, and no precomputed ``importance_scores``)."""
+        return (self.mixed_precision and self.importance in MEASURED_IMPORTANCES
+                and self.importance_scores is None)
 
     def post_init(self) -> None:
         """Validate the fields; ValueError says which one is wrong and what is accepted."""

@@ -40,7 +40,7 @@ def dataset_pixel_values(
                          "LRPQConfig(dataset='fashion_mnist'), a local image folder or a Hub dataset id.")
     n_calibration = config.num_calibration_samples
     n_importance = 0
-    if config.needs_lrp_scores:
+    if config.measures_importance:
         n_importance = config.num_importance_samples or 0
     dataset = load_image_dataset(config.dataset, config.dataset_split, num_samples=n_calibration + n_importance,
                                  seed=config.seed)

@@ -14,7 +14,8 @@ from torch import nn
 
 from .allocation import budget_allocation, importance_scores, paper_allocation, weight_quantization_errors
 from .architectures import Family, Layout, find_family
-from .config import LRPQConfig
+from .config import MEASURED_IMPORTANCES, LRPQConfig
+from .fisher import fisher_importance
 from .inputs import as_pixel_values
 from .lrp import compute_importance
 from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
@@ -77,20 +78,23 @@ def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importa
 
 
 def layer_importance(model: nn.Module, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> dict[str, float]:
-    """Relative importance of every quantized point by ``config.importance`` (seeded); the LRP criteria use the
-    config's precomputed ``importance_scores`` when it has them (they must name exactly these points)."""
+    """Relative importance of every quantized point by ``config.importance`` (seeded); the measured criteria
+    use the config's precomputed ``importance_scores`` when it has them (they must name exactly these points)."""
     points = layout.points()
-    lrp_scores = config.importance_scores if config.importance.startswith("lrp") else None
-    if lrp_scores is not None and set(lrp_scores) != set(points):
-        missing, extra = sorted(set(points) - set(lrp_scores)), sorted(set(lrp_scores) - set(points))
+    measured = config.importance_scores if config.importance in MEASURED_IMPORTANCES else None
+    if measured is not None and set(measured) != set(points):
+        missing, extra = sorted(set(points) - set(measured)), sorted(set(measured) - set(points))
         raise ValueError(f"importance_scores do not fit this model (missing {missing[:4]}, unknown {extra[:4]}): "
                          "they were scored on another architecture. Score this model with `lrpqvit score`.")
-    if config.needs_lrp_scores:
+    if config.measures_importance:
         if config.num_importance_samples is not None and config.num_importance_samples < len(pixels):
             generator = torch.Generator().manual_seed(config.seed)
             pixels = pixels[torch.randperm(len(pixels), generator=generator)[: config.num_importance_samples]]
-        lrp_scores = compute_importance(model, pixels)
-    return importance_scores(config.importance, points, lrp_scores, config.seed)
+        if config.importance == "fisher":
+            measured = fisher_importance(model, pixels, config.w_bits)
+        else:
+            measured = compute_importance(model, pixels)
+    return importance_scores(config.importance, points, measured, config.seed)
 
 
 def bit_plan_summary(model: nn.Module, plan: BitPlan) -> dict[str, float]:

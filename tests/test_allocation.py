@@ -291,8 +291,8 @@ def test_importance_lrp_per_role_compares_layers_with_their_own_role(fc1, proj, 
 
 
 @pytest.mark.parametrize("lrp, match", [
-    (None, "needs the LRP scores"),
-    ({}, "needs the LRP scores"),
+    (None, "needs the measured scores"),
+    ({}, "needs the measured scores"),
     ({"blocks.0.qkv": 1.0}, "missing points"),
     ({p: 1.0 for p in POINTS} | {"head": -1.0}, "finite and >= 0"),
     ({p: 1.0 for p in POINTS} | {"head": float("nan")}, "finite and >= 0"),
@@ -304,7 +304,7 @@ def test_importance_lrp_rejects_bad_scores(lrp, match):
 
 
 def test_importance_rejects_unknown_kind_and_bad_points():
-    with pytest.raises(ValueError, match=r"\['lrp', 'lrp_per_role', 'random', 'uniform'\]"):
+    with pytest.raises(ValueError, match=r"\['lrp', 'lrp_per_role', 'fisher', 'random', 'uniform'\]"):
         importance_scores("hessian", POINTS, None, seed=0)
     with pytest.raises(ValueError, match="non-empty"):
         importance_scores("uniform", [], None, seed=0)

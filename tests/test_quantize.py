@@ -187,7 +187,7 @@ def test_quantizing_twice_and_configs_of_other_types_are_refused():
 
 
 @pytest.mark.parametrize("allocation", ["paper", "budget"])
-@pytest.mark.parametrize("importance", ["lrp", "lrp_per_role", "random", "uniform"])
+@pytest.mark.parametrize("importance", ["lrp", "lrp_per_role", "fisher", "random", "uniform"])
 def test_mixed_precision_keeps_the_size_of_uniform_bits(allocation, importance):
     model = models.deep_timm_vit()
     config = LRPQConfig(w_bits=4, a_bits=4, mixed_precision=True, allocation=allocation, importance=importance)
