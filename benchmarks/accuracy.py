@@ -54,10 +54,17 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
     mine: set[str] = set()
 
     def save() -> None:
-        """Write this run's entries, keeping those other runs wrote meanwhile (several may run at once)."""
+        """Write this run's entries, keeping the runs other processes wrote meanwhile (several may run at once,
+        also on the same model); the read-merge-replace is not locked, so a run can still be lost to a write
+        in between, and is then measured again by the next invocation."""
         RESULTS.mkdir(parents=True, exist_ok=True)
         on_disk = json.loads(out_json.read_text()) if out_json.exists() else {}
-        on_disk.update({key: results[key] for key in mine})
+        for key in mine:  # merged into the entry object itself: the caller keeps adding runs to it
+            theirs = on_disk.get(key, {})
+            if theirs.get("model_sha256") == results[key]["model_sha256"]:
+                for run_key, metrics in theirs["runs"].items():
+                    results[key]["runs"].setdefault(run_key, metrics)
+            on_disk[key] = results[key]
         tmp = out_json.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
         os.replace(tmp, out_json)

@@ -40,11 +40,14 @@ def plot_importance(
         previous_block = block_of.get(point)
         xs.append(x)
         x += 1.0
+    # a log axis cannot show 0 (Fisher gives it to the attention products): such bars stand at a floor
+    floor = min((v for v in importance.values() if v > 0), default=1.0) / 10
     for xpos, point in zip(xs, points):
         bits = bit_plan[point]
-        ax.bar(xpos, importance[point], color=colours[kind[point]], width=0.9)
+        height = max(importance[point], floor)
+        ax.bar(xpos, height, color=colours[kind[point]], width=0.9, hatch="//" if importance[point] <= 0 else None)
         label = bits["w_bits"] if bits["w_bits"] is not None else f"a{bits['a_bits']}"
-        ax.text(xpos, importance[point], str(label), ha="center", va="bottom", fontsize=6)
+        ax.text(xpos, height, str(label), ha="center", va="bottom", fontsize=6)
     blocks = sorted({block_of.get(p, 0) for p in points})
     centres = [sum(xp for xp, p in zip(xs, points) if block_of.get(p) == b) /
                max(1, sum(1 for p in points if block_of.get(p) == b)) for b in blocks]

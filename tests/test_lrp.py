@@ -205,14 +205,20 @@ def test_engine_agrees_with_an_explicit_per_image_reference():
             torch.testing.assert_close(got.reshape(r.shape), r, rtol=1e-4, atol=1e-6, msg=point)
 
 
-def test_importance_figure_is_written(tmp_path):
+@pytest.mark.parametrize("importance", ["lrp", "fisher"])  # Fisher scores the attention products 0
+def test_importance_figure_is_written(tmp_path, importance):
+    import warnings
+
     from optimum_lrpqvit import LRPQConfig, quantize
     from optimum_lrpqvit.architectures import find_family
     from optimum_lrpqvit.report import plot_importance
 
     model = models.deep_timm_vit()
     layout = find_family(model).layout(model)
-    config = quantize(model, LRPQConfig(mixed_precision=True), models.images(4)).quantization_config
+    config = quantize(model, LRPQConfig(mixed_precision=True, importance=importance),
+                      models.images(4)).quantization_config
     path = tmp_path / "importance.png"
-    plot_importance(config.importance_scores, config.bit_plan, layout.block_of, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_importance(config.importance_scores, config.bit_plan, layout.block_of, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
