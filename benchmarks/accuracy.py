@@ -126,14 +126,15 @@ def markdown(results: dict, name: str) -> str:
         fp = entry["full_precision"]["top1"]
         lines += [f"### {key} (FP top-1 {fp:.2f}%, widest/median post-LN channel range "
                   f"{entry['channel_range_ratio_median']:.1f}×)", "",
-                  "| W/A | method | avg w bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| W/A | method | avg w bits | avg a bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
         groups: dict[str, list[dict]] = {}
         for run_key, metrics in entry["runs"].items():
             groups.setdefault(run_key.rsplit("/seed=", 1)[0], []).append(metrics)
         for group, runs in sorted(groups.items(), key=lambda item: int(item[0][1:].split("A", 1)[0])):
             wa, method = group.split("/", 1)
             lines.append(f"| {wa[1:].replace('A', '/')} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
+                         f"{_mean_std([r['avg_a_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['top1'] for r in runs], 2)} | {_mean_std([r['agreement'] for r in runs], 2)} "
                          f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |")
         lines.append("")
