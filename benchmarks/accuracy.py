@@ -115,11 +115,45 @@ def _mean_std(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _grouped(entry: dict) -> list[tuple[str, str, list[dict]]]:
+    """The entry's runs as (W/A, method, runs over seeds), by bits, methods in the order first measured."""
+    groups: dict[str, list[dict]] = {}
+    for run_key, metrics in entry["runs"].items():
+        groups.setdefault(run_key.rsplit("/seed=", 1)[0], []).append(metrics)
+    ordered = sorted(groups.items(), key=lambda item: int(item[0][1:].split("A", 1)[0]))
+    return [(group.split("/", 1)[0][1:].replace("A", "/"), group.split("/", 1)[1], runs) for group, runs in ordered]
+
+
+def summary(results: dict) -> str:
+    """One table per W/A: a row per model variant, a column per method, cells "top-1 / agreement / KL" (means
+    over the seeds measured; their count and the spread are in the full tables)."""
+    entries = {key: entry for key, entry in sorted(results.items()) if isinstance(entry, dict) and "runs" in entry}
+    cells: dict[str, dict[str, dict[str, str]]] = {}
+    methods: dict[str, list[str]] = {}
+    for key, entry in entries.items():
+        for wa, method, runs in _grouped(entry):
+            mean = {m: statistics.mean(r[m] for r in runs) for m in ("top1", "agreement", "kl")}
+            cells.setdefault(wa, {}).setdefault(key, {})[method] = (
+                f"{mean['top1']:.2f} / {mean['agreement']:.1f} / {mean['kl']:.4f}")
+            if method not in methods.setdefault(wa, []):
+                methods[wa].append(method)
+    lines = []
+    for wa, rows in cells.items():
+        lines += [f"W{wa.replace('/', '/A')}: top-1 (%) / agreement (%) / KL(FP ‖ q)", "",
+                  "| model | FP top-1 | " + " | ".join(methods[wa]) + " |", "|---|---|" + "---|" * len(methods[wa])]
+        for key, row in rows.items():
+            fp = entries[key]["full_precision"]["top1"]
+            lines.append(f"| {key} | {fp:.2f} | " + " | ".join(row.get(m, "–") for m in methods[wa]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown(results: dict, name: str) -> str:
-    """One table per model variant; runs that differ only in their seed are averaged (mean ± std)."""
+    """The summary, then one table per model variant; runs that differ only in their seed are averaged
+    (mean ± std)."""
     lines = [f"Made with `python benchmarks/{name}.py` (every model, bits and seed of the grid; it skips the runs "
              f"already in {name}.json, so the grid was filled by several partial runs at once, each entry's "
-             "last one recorded there as `command`).", ""]
+             "last one recorded there as `command`).", "", summary(results)]
     for key, entry in sorted(results.items()):
         if not isinstance(entry, dict) or "runs" not in entry:
             continue
@@ -128,12 +162,8 @@ def markdown(results: dict, name: str) -> str:
                   f"{entry['channel_range_ratio_median']:.1f}×)", "",
                   "| W/A | method | avg w bits | avg a bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
                   "|---|---|---|---|---|---|---|---|"]
-        groups: dict[str, list[dict]] = {}
-        for run_key, metrics in entry["runs"].items():
-            groups.setdefault(run_key.rsplit("/seed=", 1)[0], []).append(metrics)
-        for group, runs in sorted(groups.items(), key=lambda item: int(item[0][1:].split("A", 1)[0])):
-            wa, method = group.split("/", 1)
-            lines.append(f"| {wa[1:].replace('A', '/')} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
+        for wa, method, runs in _grouped(entry):
+            lines.append(f"| {wa} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['avg_a_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['top1'] for r in runs], 2)} | {_mean_std([r['agreement'] for r in runs], 2)} "
                          f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |")
