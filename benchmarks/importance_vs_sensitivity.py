@@ -27,6 +27,7 @@ from optimum_lrpqvit.allocation import importance_scores
 from optimum_lrpqvit.architectures import find_family
 from optimum_lrpqvit.data import load_image_dataset, preprocess
 from optimum_lrpqvit.evaluation import predict_logits
+from optimum_lrpqvit.fisher import fisher_importance
 from optimum_lrpqvit.quantizers import fake_quant_uniform, search_uniform_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +39,11 @@ def quantized_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
 
 
-def correlations(importance: dict[str, float], sensitivity: dict[str, float], block_of: dict[str, int]) -> dict:
+def correlations(importance: dict[str, float], sensitivity: dict[str, float], block_of: dict[str, int],
+                 fisher: dict[str, float]) -> dict:
     """Spearman ρ between importance and sensitivity: raw LRP over all weight points, without the head(s), over
-    the blocks' layers alone (no patch embedding, no head), and there for LRP normalised per layer role and
-    for block depth alone (earlier = more sensitive)."""
+    the blocks' layers alone (no patch embedding, no head), and there for LRP normalised per layer role, for
+    block depth alone (earlier = more sensitive) and for Fisher importance (at the same bits)."""
     last = max(block_of.values())
     points = list(sensitivity)
     without_heads = [p for p in points if block_of[p] != last]
@@ -52,7 +54,9 @@ def correlations(importance: dict[str, float], sensitivity: dict[str, float], bl
                                  ("without heads", without_heads, importance),
                                  ("block layers", blocks, importance),
                                  ("block layers, LRP per role", blocks, per_role),
-                                 ("block layers, depth alone", blocks, {p: -block_of[p] for p in blocks})):
+                                 ("block layers, depth alone", blocks, {p: -block_of[p] for p in blocks}),
+                                 ("all weight points, Fisher", points, fisher),
+                                 ("block layers, Fisher", blocks, fisher)):
         rho[label] = spearmanr([score[p] for p in chosen], [sensitivity[p] for p in chosen]).statistic
         print(f"Spearman ρ, importance vs sensitivity, {label} ({len(chosen)}): {rho[label]:.3f}")
     for role in sorted({p.rsplit(".", 1)[-1] for p in blocks}):
@@ -74,20 +78,23 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"importance_vs_sensitivity_{Path(args.model).name}.json"
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
     layout = find_family(model).layout(model)
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    importance_pixels, _ = preprocess(load_image_dataset("fashion_mnist", "train", num_samples=args.num_importance),
+                                      processor)
     if args.from_json:
         result = json.loads(out.read_text())
         result["correlations_command"] = "python benchmarks/importance_vs_sensitivity.py " + " ".join(sys.argv[1:])
     else:
-        result = measure(model, args)
-    result["spearman"] = correlations(result["importance"], result["sensitivity_kl"], layout.block_of)
+        result = measure(model, processor, importance_pixels, args)
+    if result.get("fisher_importance") is None:
+        result["fisher_importance"] = fisher_importance(model, importance_pixels, result["bits"])
+    result["spearman"] = correlations(result["importance"], result["sensitivity_kl"], layout.block_of,
+                                      result["fisher_importance"])
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def measure(model, args: argparse.Namespace) -> dict:
+def measure(model, processor, importance_pixels: torch.Tensor, args: argparse.Namespace) -> dict:
     """LRP importance, and the KL sensitivity of each weight point quantized alone."""
-    processor = AutoImageProcessor.from_pretrained(args.model)
-    importance_pixels, _ = preprocess(load_image_dataset("fashion_mnist", "train", num_samples=args.num_importance),
-                                      processor)
     pixels, _ = preprocess(load_image_dataset("fashion_mnist", "test").select(range(args.num_eval)), processor)
     scores = compute_importance(model, importance_pixels)
     fp = F.log_softmax(predict_logits(model, pixels, progress=False), -1)
