@@ -135,7 +135,7 @@ def test_unsupported_model_names_the_supported_families():
     ({"percentiles": [0.2]}, "percentiles"),
     ({"format_version": 99}, "format_version"),
     ({"allocation": "greedy"}, "allocation must be one of"),
-    ({"importance": "fisher"}, "importance must be one of"),
+    ({"importance": "hessian"}, "importance must be one of"),
     ({"candidate_bits": [3, 9]}, "candidate_bits"),
     ({"num_importance_samples": 0}, "num_importance_samples"),
 ])
