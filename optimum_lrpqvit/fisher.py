@@ -16,7 +16,7 @@ from torch import nn
 from .allocation import quantization_residual
 from .architectures import find_family
 from .inputs import as_pixel_values
-from .lrp import float32_model, normalised
+from .lrp import eval_with_gradients_for, float32_model, normalised
 
 __all__ = ["fisher_importance"]
 
@@ -34,25 +34,13 @@ def fisher_importance(model: nn.Module, data: object, bits: int) -> dict[str, fl
     layout = family.layout(scored)
     weights = {point: scored.get_submodule(point).weight for point in layout.weight_points()}
     sq_grads = {point: torch.zeros_like(w) for point, w in weights.items()}
-    flags = [(p, p.requires_grad) for p in scored.parameters()]
-    was_training = scored.training
-    try:
-        scored.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
-        device = next(scored.parameters()).device
-        with torch.enable_grad():
-            for image in pixels.split(1):
-                log_probs = F.log_softmax(family.logits(scored, image.to(device)), dim=-1)
-                grads = torch.autograd.grad(log_probs.max(), list(weights.values()))
-                for acc, g in zip(sq_grads.values(), grads):
-                    acc.add_(g.square())
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        scored.train(was_training)
+    device = next(scored.parameters()).device
+    with eval_with_gradients_for(scored, list(weights.values())), torch.enable_grad():
+        for image in pixels.split(1):
+            log_probs = F.log_softmax(family.logits(scored, image.to(device)), dim=-1)
+            grads = torch.autograd.grad(log_probs.max(), list(weights.values()))
+            for acc, g in zip(sq_grads.values(), grads):
+                acc.add_(g.square())
     sums = {point: float((sq_grads[point].double() * quantization_residual(w.detach(), bits).double().square()).sum())
             for point, w in weights.items()}
     return normalised({point: sums.get(point, 0.0) for point in layout.points()})

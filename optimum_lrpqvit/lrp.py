@@ -59,6 +59,24 @@ def _elementwise_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def eval_with_gradients_for(model: nn.Module, params: Sequence[nn.Parameter] = ()) -> Iterator[None]:
+    """``model`` in eval mode with ``requires_grad`` only on ``params``; mode and flags restored on exit."""
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for p, _ in grad_flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Recorder]]:
     """Route ``model`` (this instance only) through the relevance primitives and record every quantized point;
     everything is undone on exit."""
@@ -74,24 +92,17 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
     patched += [(m, _linear_forward) for m in model.modules() if isinstance(m, nn.Linear)]
     patched += [(m, _elementwise_forward) for m in model.modules() if _is_elementwise(m)]
     patched += family.block_forwards(model)
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    try:
-        model.eval()
-        for p, _ in grad_flags:
-            p.requires_grad_(False)
-        family.install_attention(model, layout)
-        for module, forward in patched:
-            _install(module, forward)
-        with recorder:
-            yield family, layout, recorder
-    finally:
-        for module, _ in patched:
-            module.__dict__.pop("forward", None)
-        family.remove_attention(model, layout)
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_with_gradients_for(model):
+        try:
+            family.install_attention(model, layout)
+            for module, forward in patched:
+                _install(module, forward)
+            with recorder:
+                yield family, layout, recorder
+        finally:
+            for module, _ in patched:
+                module.__dict__.pop("forward", None)
+            family.remove_attention(model, layout)
 
 
 def relevance_and_gradients(
