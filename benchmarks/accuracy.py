@@ -138,7 +138,7 @@ def summary(results: dict) -> str:
             if method not in methods.setdefault(wa, []):
                 methods[wa].append(method)
     lines = []
-    for wa, rows in cells.items():
+    for wa, rows in sorted(cells.items(), key=lambda item: int(item[0].split("/")[0])):
         lines += [f"W{wa.replace('/', '/A')}: top-1 (%) / agreement (%) / KL(FP ‖ q)", "",
                   "| model | FP top-1 | " + " | ".join(methods[wa]) + " |", "|---|---|" + "---|" * len(methods[wa])]
         for key, row in rows.items():

@@ -41,6 +41,6 @@ def fisher_importance(model: nn.Module, data: object, bits: int) -> dict[str, fl
             grads = torch.autograd.grad(log_probs.max(), list(weights.values()))
             for acc, g in zip(sq_grads.values(), grads):
                 acc.add_(g.square())
-    sums = {point: float((sq_grads[point].double() * quantization_residual(w.detach(), bits).double().square()).sum())
+    sums = {point: float((sq_grads[point].double() * quantization_residual(w, bits).double().square()).sum())
             for point, w in weights.items()}
     return normalised({point: sums.get(point, 0.0) for point in layout.points()})
