@@ -23,20 +23,13 @@ from scipy.stats import spearmanr
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from optimum_lrpqvit import compute_importance
-from optimum_lrpqvit.allocation import importance_scores
+from optimum_lrpqvit.allocation import importance_scores, quantized_weight
 from optimum_lrpqvit.architectures import find_family
 from optimum_lrpqvit.data import load_image_dataset, preprocess
 from optimum_lrpqvit.evaluation import predict_logits
 from optimum_lrpqvit.fisher import fisher_importance
-from optimum_lrpqvit.quantizers import fake_quant_uniform, search_uniform_params
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def quantized_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    cols = weight.reshape(weight.shape[0], -1).t()
-    scale, zero = search_uniform_params(cols, bits, channelwise=True)
-    return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
 
 
 def correlations(importance: dict[str, float], sensitivity: dict[str, float], block_of: dict[str, int],
@@ -85,7 +78,7 @@ def main() -> None:
         result = json.loads(out.read_text())
         result["correlations_command"] = "python benchmarks/importance_vs_sensitivity.py " + " ".join(sys.argv[1:])
     else:
-        result = measure(model, processor, importance_pixels, args)
+        result = measure(model, layout.weight_points(), processor, importance_pixels, args)
     if result.get("fisher_importance") is None:
         result["fisher_importance"] = fisher_importance(model, importance_pixels, result["bits"])
     result["spearman"] = correlations(result["importance"], result["sensitivity_kl"], layout.block_of,
@@ -93,13 +86,14 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def measure(model, processor, importance_pixels: torch.Tensor, args: argparse.Namespace) -> dict:
+def measure(model, weight_points: list[str], processor, importance_pixels: torch.Tensor,
+            args: argparse.Namespace) -> dict:
     """LRP importance, and the KL sensitivity of each weight point quantized alone."""
     pixels, _ = preprocess(load_image_dataset("fashion_mnist", "test").select(range(args.num_eval)), processor)
     scores = compute_importance(model, importance_pixels)
     fp = F.log_softmax(predict_logits(model, pixels, progress=False), -1)
     sensitivity = {}
-    for point in find_family(model).layout(model).weight_points():
+    for point in weight_points:
         module = model.get_submodule(point)
         original = module.weight.data.clone()
         module.weight.data = quantized_weight(original, args.bits)

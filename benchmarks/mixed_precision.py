@@ -4,8 +4,9 @@
 
 For each reference model and average bit width b (W = A = b): fixed-bit CRL; LRP importance with the paper
 rule and with the budget (integer program) allocation; LRP normalised per layer role, Fisher, random and
-uniform importance with the paper rule (same size as LRP's plan). 32 calibration images and 256 importance images per seed, drawn from the train
-split; evaluated on the test images (top-1, agreement with full precision, KL(FP ‖ quantized)).
+uniform importance with the paper rule (same size as LRP's plan). 32 calibration images and 256 importance
+images per seed, drawn from the train split; evaluated on the test images (top-1, agreement with full
+precision, KL(FP ‖ quantized)).
 Writes benchmarks/results/mixed_precision.json and .md.
 """
 

@@ -28,8 +28,9 @@ __all__ = [
     "budget_allocation",
     "importance_scores",
     "paper_allocation",
-    "quantization_residual",
     "plan_summary_bits",
+    "quantization_residual",
+    "quantized_weight",
     "weight_quantization_errors",
 ]
 
@@ -238,14 +239,20 @@ def budget_allocation(
 # ---------------------------------------------------------------------------------------------- errors
 
 @torch.no_grad()
-def quantization_residual(weight: torch.Tensor, bits: int,
-                          percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
-    """Ŵ − W for per-output-channel uniform quantization of ``weight`` to ``bits`` with the percentile/MSE range
-    search (``search_uniform_params`` over the ``(fan_in, out_channels)`` view, as ``QuantLinear`` /
-    ``QuantConv2d`` do), in float32 and the weight's shape."""
+def quantized_weight(weight: torch.Tensor, bits: int,
+                     percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
+    """Ŵ: per-output-channel uniform quantization of ``weight`` to ``bits`` with the percentile/MSE range search
+    (``search_uniform_params`` over the ``(fan_in, out_channels)`` view, as ``QuantLinear`` / ``QuantConv2d``
+    do), in float32 and the weight's shape."""
     cols = weight.detach().float().reshape(weight.shape[0], -1).t()
     scale, zero = search_uniform_params(cols, bits, channelwise=True, percentiles=percentiles)
-    return (fake_quant_uniform(cols, scale, zero, bits) - cols).t().reshape(weight.shape)
+    return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
+
+
+def quantization_residual(weight: torch.Tensor, bits: int,
+                          percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
+    """Ŵ − W (``quantized_weight``), in float32."""
+    return quantized_weight(weight, bits, percentiles) - weight.detach().float()
 
 
 def weight_quantization_errors(

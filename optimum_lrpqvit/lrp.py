@@ -165,7 +165,7 @@ def normalised(sums: dict[str, float]) -> dict[str, float]:
     """I_l = C_l / Σ C_l'; ValueError when every layer scored zero."""
     total = sum(sums.values())
     if not total > 0:
-        raise ValueError("Every layer scored zero importance (no positive gradient ⊙ relevance); check the data.")
+        raise ValueError("Every layer scored zero importance; check the data.")
     return {point: value / total for point, value in sums.items()}
 
 
