@@ -134,7 +134,8 @@ def image_contributions(
     for point in layout.points():
         m = (recorder.captured["grad"][point] * recorder.captured["relevance"][point]).clamp_(min=0)
         # window attention (Swin) puts images × windows in dim 0, images first: mean per image
-        out[point] = m.reshape(len(pixel_values), -1).mean(1).cpu()
+        per_row = m.sum(tuple(range(1, m.dim())))  # summing first avoids copying a non-contiguous m
+        out[point] = (per_row.reshape(len(pixel_values), -1).sum(1) / (m.numel() // len(pixel_values))).cpu()
     return out
 
 

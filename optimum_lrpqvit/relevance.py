@@ -18,15 +18,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Recorder", "active_recorder", "linear", "matmul", "pass_through", "record", "residual_add", "stabilise"]
+__all__ = ["Recorder", "active_recorder", "linear", "matmul", "pass_through", "record", "residual_add"]
 
+# Every denominator below is a sum of non-negative terms, so the sign-aware stabiliser is simply + EPS.
 EPS = 1e-9
 _ACTIVE: list[Recorder] = []
-
-
-def stabilise(z: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """z + eps·sign(z), with sign(0) = +1: never zero, never changes sign."""
-    return z + torch.where(z >= 0, eps, -eps)
 
 
 class Recorder:
@@ -93,10 +89,11 @@ class _Linear(torch.autograd.Function):
             return signal @ weight, None, None, None
         x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
         w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
-        z = F.linear(x_pos, w_pos).add_(F.linear(x_neg, w_neg)).add_(EPS)  # Z ≥ 0
-        c = (signal / z) @ torch.cat([w_pos, w_neg], dim=1)
-        n = x.shape[-1]
-        return (x_pos * c[..., :n]).add_(x_neg * c[..., n:]), None, None, None
+        # in place where possible: on CPU these passes over activations cost as much as the products
+        z = F.linear(x_pos, w_pos)
+        z.view(-1, z.shape[-1]).addmm_(x_neg.reshape(-1, x.shape[-1]), w_neg.t())  # Z ≥ 0
+        s = torch.div(signal, z.add_(EPS), out=z)
+        return (s @ w_pos).mul_(x_pos).addcmul_(x_neg, s @ w_neg), None, None, None
 
 
 class _MatMul(torch.autograd.Function):
@@ -119,8 +116,8 @@ class _MatMul(torch.autograd.Function):
         if ctx.recorder.mode == "grad":
             return signal @ b.transpose(-2, -1), a.transpose(-2, -1) @ signal, None
         a, b = a.abs(), b.abs()
-        s = signal / stabilise(torch.matmul(a, b))
-        return 0.5 * a * (s @ b.transpose(-2, -1)), 0.5 * b * (a.transpose(-2, -1) @ s), None
+        s = signal / torch.matmul(a, b).add_(EPS).mul_(2)  # the ½ of each operand's share, folded in
+        return (s @ b.transpose(-2, -1)).mul_(a), (a.transpose(-2, -1) @ s).mul_(b), None
 
 
 class _PassThrough(torch.autograd.Function):
@@ -160,8 +157,8 @@ class _ResidualAdd(torch.autograd.Function):
         if ctx.recorder.mode == "grad":
             return signal, signal, None
         x, y = (t.abs() for t in ctx.saved_tensors)
-        share = x / stabilise(x + y)
-        return signal * share, signal * (1 - share), None
+        r_x = (signal * x).div_(y.add_(x).add_(EPS))
+        return r_x, signal - r_x, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

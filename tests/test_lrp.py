@@ -124,18 +124,18 @@ def _alpha1beta0(x, w, r):
     """R_i = Σ_j (x_i⁺w_ji⁺ + x_i⁻w_ji⁻) / Σ_i'(x_i'⁺w_ji'⁺ + x_i'⁻w_ji'⁻) · R_j, for x (n, in), w (out, in)."""
     pos = x.clamp(min=0)[:, None, :] * w.clamp(min=0)[None] + x.clamp(max=0)[:, None, :] * w.clamp(max=0)[None]
     z = pos.sum(-1, keepdim=True)
-    return (pos / relevance.stabilise(z) * r[:, :, None]).sum(1)
+    return (pos / (z + relevance.EPS) * r[:, :, None]).sum(1)
 
 
 def _matmul_halves(a, b, r):
     """Half of R to each operand, shared in proportion to |a_ik b_kj|."""
     terms = (a[:, :, None] * b[None, :, :]).abs()  # (n, k, m)
-    share = terms / relevance.stabilise(terms.sum(1, keepdim=True)) * r[:, None, :]
+    share = terms / (terms.sum(1, keepdim=True) + relevance.EPS) * r[:, None, :]
     return 0.5 * share.sum(2), 0.5 * share.sum(0)
 
 
 def _residual(x, y, r):
-    share = x.abs() / relevance.stabilise(x.abs() + y.abs())
+    share = x.abs() / (x.abs() + y.abs() + relevance.EPS)
     return share * r, (1 - share) * r
 
 
