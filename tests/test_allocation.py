@@ -150,7 +150,7 @@ def test_budget_allocation_matches_brute_force(instance):
     assert sum(params[k] * plan[k] for k in plan) <= Fraction(avg_bits) * sum(params.values())
     best = _brute_force(importance, params, errors, avg_bits, cands)
     scale = max(abs(importance[k] * (errors[k][cands[0]] - errors[k][b])) for k in params for b in cands)
-    # HiGHS stops at an absolute MIP gap of 1e-6 of the (normalised) objective
+    # HiGHS stops at an absolute MIP gap of 1e-6 of the normalised objective (a typical point's gain <= scale)
     assert _objective(importance, errors, plan, cands[0]) >= best - 1e-5 * scale - 1e-12
     assert budget_allocation(importance, params, errors, avg_bits, cands) == plan
 
@@ -177,12 +177,26 @@ def test_budget_allocation_respects_budget_exactly_at_scale(avg_bits):
         assert set(plan.values()) == {8}
     if avg_bits == 3.0:
         assert set(plan.values()) == {3}
-    # errors fall with bits and every importance is > 0, so an optimum leaves no affordable single upgrade
-    cands = (3, 4, 5, 6, 8)
+    _assert_no_affordable_upgrade(plan, params, avg_bits)
+
+
+def _assert_no_affordable_upgrade(plan, params, avg_bits, cands=(3, 4, 5, 6, 8)):
+    """Errors fall with bits and every importance is > 0, so an optimum leaves no affordable single upgrade."""
+    used = sum(params[k] * plan[k] for k in plan)
     for k, b in plan.items():
-        if b < 8:
+        if b < cands[-1]:
             upgrade = params[k] * (cands[cands.index(b) + 1] - b)
             assert used + upgrade > Fraction(avg_bits) * sum(params.values()), k
+
+
+@pytest.mark.parametrize("avg_bits", [4.0, 6.0])
+def test_budget_allocation_is_optimal_when_one_point_dominates_the_importance(avg_bits):
+    # LRP gives a ViT's classifier ~0.9999 of the importance; the other points must still be allocated
+    importance, params, errors = _vit_like_instance()
+    params["head"] = 1_290
+    importance["head"] = 1e4 * sum(v for k, v in importance.items() if k != "head")
+    plan = budget_allocation(importance, params, errors, avg_bits)
+    _assert_no_affordable_upgrade(plan, params, avg_bits)
 
 
 def test_budget_allocation_prefers_important_points():
