@@ -14,6 +14,7 @@ linear program solved with ``scipy.optimize.milp``), the per-layer weight-quanti
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
@@ -211,6 +212,10 @@ def budget_allocation(
     step = math.gcd(*params.values())
     n = [params[k] // step for k in names]
     limit = (math.floor(Fraction(avg_bits) * total) - lo * total) // step
+    if len(cands) == 1 or limit < min(n) * (cands[1] - lo):
+        smaller = f" Add a smaller candidate, e.g. candidates={[lo - 1, *cands]}." if lo > _MIN_BITS else ""
+        warnings.warn(f"avg_bits={avg_bits} leaves no room above the smallest candidate: every point gets {lo} bits "
+                      f"(no mixed precision).{smaller}", stacklevel=2)
     nl, nb = len(names), len(cands)
     gain = np.array([[scores[k] * (float(errors[k][lo]) - float(errors[k][b])) for b in cands] for k in names])
     # minimise −gain / scale, scale = the median point's largest gain, kept within 1e6 of the largest gain (HiGHS
