@@ -1,7 +1,8 @@
 """Importance-scoring cost: images/s of ``compute_importance`` against a plain forward pass at the same batch
-size, measured back to back in the same run.
+size, measured back to back in the same run, and where it goes (scoring forward, gradient pass, relevance pass,
+per-image contributions), each in forward passes.
 
-    python benchmarks/scoring.py [--batch 32] [--repeats 5] [--threads N]
+    python benchmarks/scoring.py [--batch 32] [--repeats 15] [--threads N]
 
 Model: the 12-block, 128-wide ViT of benchmarks/speed.py. Writes benchmarks/results/scoring.json.
 """
@@ -10,22 +11,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import build, forward, paired_ratio  # noqa: E402
+from speed import build, forward, paired_ratio, timed  # noqa: E402
 
-from optimum_lrpqvit import compute_importance  # noqa: E402
+from optimum_lrpqvit import compute_importance, lrp  # noqa: E402
+
+
+def phase_times(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Seconds of each step of ``lrp.image_contributions``, written out to time them separately."""
+    times = {}
+    with lrp.scoring(model) as (family, layout, recorder), torch.enable_grad():
+        start = time.perf_counter()
+        logits = family.logits(model, x)
+        times["forward"] = time.perf_counter() - start
+        seed = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+        recorder.mode = "grad"
+        times["gradient pass"] = timed(lambda: torch.autograd.grad(logits, recorder.roots, seed, retain_graph=True))
+        recorder.mode = "relevance"
+        times["relevance pass"] = timed(lambda: torch.autograd.grad(logits, recorder.roots, seed))
+    captured = recorder.captured
+    times["contributions"] = timed(lambda: [(captured["grad"][p] * captured["relevance"][p]).clamp_(min=0).sum()
+                                            for p in layout.points()])
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="hf_vit", choices=["hf_vit", "timm_vit"])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scoring.json"))
     args = parser.parse_args()
@@ -34,15 +56,21 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 28, 28, generator=torch.Generator().manual_seed(0))
     ratio, score_s = paired_ratio(lambda: compute_importance(model, x, batch_size=args.batch),
                                   lambda: forward(model, x), args.repeats)
+    phases = []
+    for _ in range(args.repeats):
+        plain = timed(lambda: forward(model, x))
+        phases.append({name: t / plain for name, t in phase_times(model, x).items()})
     result = {"family": args.family, "batch": args.batch, "threads": torch.get_num_threads(),
               "scoring_images_per_s": args.batch / score_s, "forward_images_per_s": args.batch * ratio / score_s,
               "scoring_cost_in_forward_passes": ratio,
+              "phases_in_forward_passes": {name: statistics.median(p[name] for p in phases) for name in phases[0]},
               "command": "python benchmarks/scoring.py " + " ".join(sys.argv[1:])}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.family}, batch {args.batch}, {result['threads']} threads: scoring "
           f"{result['scoring_images_per_s']:.0f} images/s, forward {result['forward_images_per_s']:.0f} images/s: "
-          f"scoring costs {ratio:.2f} forward passes per image")
+          f"scoring costs {ratio:.2f} forward passes per image; by step: "
+          + ", ".join(f"{name} {v:.2f}" for name, v in result["phases_in_forward_passes"].items()))
 
 
 if __name__ == "__main__":
