@@ -152,7 +152,7 @@ def test_budget_allocation_matches_brute_force(instance):
     assert sum(params[k] * plan[k] for k in plan) <= Fraction(avg_bits) * sum(params.values())
     best = _brute_force(importance, params, errors, avg_bits, cands)
     scale = max(abs(importance[k] * (errors[k][cands[0]] - errors[k][b])) for k in params for b in cands)
-    # HiGHS stops at an absolute MIP gap of 1e-6 of the normalised objective (a typical point's gain <= scale)
+    # HiGHS stops at an absolute MIP gap of 1e-6 of the objective normalised by at most the largest gain
     assert _objective(importance, errors, plan, cands[0]) >= best - 1e-5 * scale - 1e-12
     assert budget_allocation(importance, params, errors, avg_bits, cands) == plan
 
