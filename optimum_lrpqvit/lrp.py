@@ -25,7 +25,7 @@ from .architectures import Family, Layout, find_family
 from .inputs import as_pixel_values
 from .nn import QuantConv2d, QuantLinear, QuantMatMul
 
-__all__ = ["compute_importance", "image_contributions", "relevance_and_gradients", "scoring"]
+__all__ = ["compute_importance", "image_contributions", "point_contributions", "relevance_and_gradients", "scoring"]
 
 try:  # timm's LayerScale multiplies by γ: relevance passes through it
     from timm.layers import LayerScale as _TimmLayerScale
@@ -130,12 +130,17 @@ def image_contributions(
     ``targets``: class per image, or None for the predicted class. The model must be float32.
     """
     layout, recorder = relevance_and_gradients(model, pixel_values, targets)
+    return point_contributions(layout, recorder, len(pixel_values))
+
+
+def point_contributions(layout: Layout, recorder: relevance.Recorder, num_images: int) -> dict[str, torch.Tensor]:
+    """c_l = mean((G_l ⊙ R_l)⁺) per image, from what ``relevance_and_gradients`` recorded; each of shape (N,)."""
     out = {}
     for point in layout.points():
         m = (recorder.captured["grad"][point] * recorder.captured["relevance"][point]).clamp_(min=0)
         # window attention (Swin) puts images × windows in dim 0, images first: mean per image
         per_row = m.sum(tuple(range(1, m.dim())))  # summing first avoids copying a non-contiguous m
-        out[point] = (per_row.reshape(len(pixel_values), -1).sum(1) / (m.numel() // len(pixel_values))).cpu()
+        out[point] = (per_row.reshape(num_images, -1).sum(1) / (m.numel() // num_images)).cpu()
     return out
 
 
