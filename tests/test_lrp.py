@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from transformers.models.swin.modeling_swin import SwinLayer
 from transformers.models.vit.modeling_vit import ViTLayer
@@ -191,6 +193,48 @@ def _reference_relevance(model, image, target):
             out[f"blocks.{i}.attn.qkv"] = r_qkv
             r_x = r_x + _alpha1beta0(t["h1"], a.qkv.weight, r_qkv)
     return out
+
+
+def _linear_relevance(x, weight, bias, r):
+    """Relevance that ``relevance.linear`` sends to its input x (m, in) for relevance r (m, out) at its output."""
+    x = x.clone().requires_grad_()
+    with relevance.Recorder() as recorder:
+        recorder.mode = "relevance"
+        (r_x,) = torch.autograd.grad(relevance.linear(x, weight, bias), x, r)
+    return r_x
+
+
+def _cancelling_layer(m=6, n_in=64, seed=0):
+    """Positive inputs; output 0 has one tiny positive weight against 63 negative ones (Z₀ / |x|·|w| ≈ 1e-6), so
+    x·w + |x|·|w| loses every digit of Z₀ to rounding; output 1 is ordinary."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(m, n_in, generator=g) + 0.5
+    weight = torch.randn(2, n_in, generator=g)
+    weight[0] = -weight[0].abs()
+    weight[0, 0] = 1e-4
+    return x, weight, torch.tensor([3.0, -0.5]), torch.rand(m, 2, generator=g) + 0.1
+
+
+def test_linear_relevance_stays_exact_where_its_positive_part_cancels(monkeypatch):
+    x, weight, bias, r = _cancelling_layer()
+    expected = _alpha1beta0(x, weight, r)
+    torch.testing.assert_close(_linear_relevance(x, weight, bias, r), expected, rtol=1e-5, atol=1e-7)
+    monkeypatch.setattr(relevance, "CANCELLATION", 1e-12)  # no guard: the shortcut alone is wrong here
+    assert not torch.allclose(_linear_relevance(x, weight, bias, r), expected, rtol=1e-2, atol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 5), n_in=st.integers(1, 40), n_out=st.integers(1, 12), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]), with_bias=st.booleans())
+def test_linear_relevance_matches_the_rule_term_by_term(m, n_in, n_out, seed, scale, with_bias):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n_in, generator=g) * scale
+    x[torch.rand(m, n_in, generator=g) < 0.2] = 0
+    weight = torch.randn(n_out, n_in, generator=g)
+    bias = torch.randn(n_out, generator=g) * 10 if with_bias else None
+    r = torch.rand(m, n_out, generator=g)
+    got = _linear_relevance(x, weight, bias, r)
+    torch.testing.assert_close(got, _alpha1beta0(x, weight, r), rtol=1e-4, atol=1e-6 * float(r.sum()))
 
 
 def test_engine_agrees_with_an_explicit_per_image_reference():

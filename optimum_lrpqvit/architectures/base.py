@@ -96,10 +96,13 @@ def quantized_attention(
     """
     matmul1 = getattr(module, "matmul1", relevance.matmul)
     matmul2 = getattr(module, "matmul2", relevance.matmul)
+
+    def softmax(scores: torch.Tensor) -> torch.Tensor:
+        scores = scores * scaling
+        if bias is not None:
+            scores = scores + bias
+        return scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+
     scores = relevance.record(module, matmul1(query, key.transpose(-2, -1)), "matmul1")
-    scores = relevance.pass_through(scores, lambda s: s * scaling)
-    if bias is not None:
-        scores = relevance.pass_through(scores, lambda s: s + bias)
-    probs = relevance.pass_through(scores, lambda s: s.softmax(dim=-1, dtype=torch.float32).to(query.dtype))
-    probs = relevance.record(module, probs, "softmax")
+    probs = relevance.record(module, relevance.pass_through(scores, softmax), "softmax")
     return relevance.record(module, matmul2(probs, value), "matmul2"), probs
