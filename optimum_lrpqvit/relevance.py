@@ -154,7 +154,7 @@ class _PassThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, x, recorder):
         ctx.recorder = recorder
-        return y.detach()
+        return y.detach()  # not y: a returned input becomes a view that in-place ops after it may not modify
 
     @staticmethod
     def backward(ctx, signal):

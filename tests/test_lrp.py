@@ -1,8 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from transformers.models.swin.modeling_swin import SwinLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 from transformers.models.deit.modeling_deit import DeiTLayer
@@ -235,6 +235,19 @@ def test_linear_relevance_matches_the_rule_term_by_term(m, n_in, n_out, seed, sc
     r = torch.rand(m, n_out, generator=g)
     got = _linear_relevance(x, weight, bias, r)
     torch.testing.assert_close(got, _alpha1beta0(x, weight, r), rtol=1e-4, atol=1e-6 * float(r.sum()))
+
+
+def test_pass_through_gives_fn_gradient_or_passes_relevance_and_allows_in_place_ops_after_it():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with relevance.Recorder() as recorder:
+        y = torch.relu_(relevance.pass_through(x * 1, F.gelu))  # e.g. an nn.ReLU(inplace=True) after it
+        (grad,) = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
+        recorder.mode = "relevance"
+        (rel,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    plain = x.detach().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.relu(F.gelu(plain)).sum(), plain)
+    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(rel, (F.gelu(x) > 0).float())  # relevance passes GELU, the ReLU's mask stays
 
 
 def test_engine_agrees_with_an_explicit_per_image_reference():
