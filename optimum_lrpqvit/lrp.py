@@ -55,7 +55,10 @@ def _patch_embed_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _elementwise_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return relevance.pass_through(x, type(self).forward.__get__(self))
+    forward = type(self).forward.__get__(self)
+    if getattr(self, "inplace", False):  # ReLU(inplace=True), LayerScale(inplace=True): x must stay x for relevance
+        return relevance.pass_through(x, lambda t: forward(t.clone()))
+    return relevance.pass_through(x, forward)
 
 
 @contextlib.contextmanager

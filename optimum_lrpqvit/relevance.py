@@ -95,17 +95,22 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, recorder):
         y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight, bias, y)
+        ctx.save_for_backward(x, weight, bias)
+        # y kept unsaved: an in-place op after the layer (timm LayerScale(inplace=True)) would make the saved
+        # tensor raise; the backward sums Z term by term instead if y changed
+        ctx.y, ctx.y_version = y.detach(), y._version
         ctx.recorder = recorder
         return y
 
     @staticmethod
     def backward(ctx, signal):
-        x, weight, bias, y = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         if ctx.recorder.mode == "grad":
             return signal @ weight, None, None, None
         shape, (n_out, n_in) = x.shape, weight.shape
-        x, y, signal = x.reshape(-1, n_in), y.reshape(-1, n_out), signal.reshape(-1, n_out)
+        x, y, signal = x.reshape(-1, n_in), ctx.y.reshape(-1, n_out), signal.reshape(-1, n_out)
+        if ctx.y._version != ctx.y_version:
+            return alpha1_beta0(x, weight, signal).view(shape), None, None, None
         bias = y.new_zeros(n_out) if bias is None else bias
         x_abs, w_abs = x.abs(), weight.abs()
         z = torch.addmm(y, x_abs, w_abs.t()).sub_(bias - 2 * EPS)  # 2 Z + 2 EPS

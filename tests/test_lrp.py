@@ -7,7 +7,7 @@ from transformers.models.swin.modeling_swin import SwinLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 from transformers.models.deit.modeling_deit import DeiTLayer
 from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 
 import models
 from optimum_lrpqvit import relevance
@@ -80,6 +80,21 @@ def test_importance_is_deterministic_normalised_and_leaves_the_model_unchanged()
     assert model.config._attn_implementation == attn
     assert all(p.requires_grad for p in model.parameters())
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_in_place_elementwise_modules_score_like_their_out_of_place_versions():
+    from timm.layers import LayerScale
+
+    torch.manual_seed(0)
+    model = models._spread(VisionTransformer(**{**models._TIMM_VIT, "init_values": 0.5}), 0)
+    x = models.images(3, seed=7)
+    expected = image_contributions(model, x)
+    for m in model.modules():
+        if isinstance(m, LayerScale):
+            m.inplace = True
+    got = image_contributions(model, x)
+    for point, c in expected.items():
+        torch.testing.assert_close(got[point], c, rtol=1e-5, atol=1e-12, msg=point)
 
 
 def test_importance_points_are_the_bit_plan_points():
@@ -221,6 +236,19 @@ def test_linear_relevance_stays_exact_where_its_positive_part_cancels(monkeypatc
     torch.testing.assert_close(_linear_relevance(x, weight, bias, r), expected, rtol=1e-5, atol=1e-7)
     monkeypatch.setattr(relevance, "CANCELLATION", 1e-12)  # no guard: the shortcut alone is wrong here
     assert not torch.allclose(_linear_relevance(x, weight, bias, r), expected, rtol=1e-2, atol=1e-4)
+
+
+def test_linear_relevance_is_exact_after_an_in_place_op_on_the_layer_output():
+    g = torch.Generator().manual_seed(1)
+    x, weight, bias, r = (torch.randn(5, 8, generator=g, requires_grad=True), torch.randn(3, 8, generator=g),
+                          torch.randn(3, generator=g), torch.rand(5, 3, generator=g))
+    with relevance.Recorder() as recorder:
+        y = relevance.linear(x, weight, bias).mul_(3)  # e.g. timm's LayerScale(inplace=True)
+        (grad,) = torch.autograd.grad(y, x, r, retain_graph=True)
+        recorder.mode = "relevance"
+        (r_x,) = torch.autograd.grad(y, x, r)
+    torch.testing.assert_close(grad, 3 * r @ weight)
+    torch.testing.assert_close(r_x, _alpha1beta0(x.detach(), weight, 3 * r), rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=60, deadline=None)
