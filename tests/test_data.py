@@ -1,7 +1,7 @@
-"""Tests of :mod:`optimum_lrpqvit.data` (Fashion-MNIST from Debian's ``dataset-fashion-mnist`` IDX files).
+"""Tests of :mod:`optimum_lrpqvit.data.fashion_mnist` (Fashion-MNIST from Debian's ``dataset-fashion-mnist`` IDX files).
 
 The real dataset is parsed and encoded once per module (``real`` fixture, a private ``cache_dir``);
-the cache behaviour is exercised on tiny synthetic IDX files (the split sizes in ``data._FILES`` are
+the cache behaviour is exercised on tiny synthetic IDX files (the split sizes in ``fashion_mnist._FILES`` are
 monkeypatched down) so that no test rebuilds the 70,000 images a second time. Nothing touches the
 user's ``datasets`` cache: every ``load_fashion_mnist`` call passes ``cache_dir`` or ``use_cache=False``.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimum_lrpqvit import data
+from optimum_lrpqvit.data import fashion_mnist
 from optimum_lrpqvit.data import (
     DEFAULT_FASHION_MNIST_ROOT,
     FASHION_MNIST_LABELS,
@@ -75,7 +75,7 @@ def forbid_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("load_fashion_mnist re-parsed the IDX files instead of using its cache")
 
-    monkeypatch.setattr(data, "load_fashion_mnist_arrays", boom)
+    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist_arrays", boom)
 
 
 # -------------------------------------------------------------------------------------------- fixtures
@@ -119,7 +119,7 @@ def tiny(tmp_path, monkeypatch):
     """Four small synthetic IDX files (train 24, test 8 examples) with the split sizes patched to match."""
     sizes = {"train": 24, "test": 8}
     monkeypatch.setattr(
-        data,
+        fashion_mnist,
         "_FILES",
         {
             "train": (TRAIN_IMAGES, TRAIN_LABELS, sizes["train"]),

@@ -1,0 +1,43 @@
+"""Images for calibration, importance scoring and evaluation.
+
+The subpackage has one module per concern; every public name is re-exported here, so
+``from optimum_lrpqvit.data import ...`` works as before:
+
+* :mod:`.fashion_mnist`: Fashion-MNIST read from the local IDX files (Debian package ``dataset-fashion-mnist``)
+  into a :class:`datasets.DatasetDict`, cached as PNG-encoded arrow files.
+* :mod:`.sources`: one split of an image dataset from ``"fashion_mnist"``, a local directory (a ``save_to_disk``
+  dataset or an image folder) or a Hub dataset id, reduced to ``image`` / ``label`` columns and optionally sampled
+  (:func:`load_image_dataset`, :func:`prepare_image_dataset`).
+* :mod:`.pixels`: PIL images through the model's image processor into pixel values
+  (:func:`images_to_pixel_values`, :func:`preprocess`).
+
+Private helpers live in their submodule only (monkeypatch them there, e.g. ``data.fashion_mnist._FILES``).
+"""
+
+from __future__ import annotations
+
+from .fashion_mnist import (
+    DEFAULT_FASHION_MNIST_ROOT,
+    FASHION_MNIST_LABELS,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    load_fashion_mnist,
+    load_fashion_mnist_arrays,
+    read_idx,
+)
+from .pixels import images_to_pixel_values, preprocess
+from .sources import load_image_dataset, prepare_image_dataset
+
+__all__ = [
+    "DEFAULT_FASHION_MNIST_ROOT",
+    "FASHION_MNIST_LABELS",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "images_to_pixel_values",
+    "load_fashion_mnist",
+    "load_fashion_mnist_arrays",
+    "load_image_dataset",
+    "prepare_image_dataset",
+    "preprocess",
+    "read_idx",
+]
