@@ -17,12 +17,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForImageClassification, DeiTConfig, DeiTForImageClassificationWithTeacher,
-                          SwinConfig, SwinForImageClassification, ViTConfig, ViTForImageClassification)
+from transformers import (
+    AutoModelForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
 
 from optimum_lrpqvit import LRPQConfig, quantize
 from optimum_lrpqvit.architectures import find_family
-from optimum_lrpqvit.hub import checkpoint_sizes
+from optimum_lrpqvit.serialization import checkpoint_sizes
 
 BUILDERS = {
     "deit-ti": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(hidden_size=192, num_attention_heads=3,

@@ -23,11 +23,11 @@ from scipy.stats import spearmanr
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from optimum_lrpqvit import compute_importance
-from optimum_lrpqvit.allocation import importance_scores, quantized_weight
 from optimum_lrpqvit.architectures import find_family
 from optimum_lrpqvit.data import load_image_dataset, preprocess
 from optimum_lrpqvit.evaluation import predict_logits
-from optimum_lrpqvit.fisher import fisher_importance
+from optimum_lrpqvit.importance import fisher_importance, relative_importance
+from optimum_lrpqvit.quantizers import fake_quant_weight
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def correlations(importance: dict[str, float], sensitivity: dict[str, float], bl
     points = list(sensitivity)
     without_heads = [p for p in points if block_of[p] != last]
     blocks = [p for p in without_heads if block_of[p] >= 0]
-    per_role = importance_scores("lrp_per_role", blocks, importance)
+    per_role = relative_importance("lrp_per_role", blocks, importance)
     rho = {}
     for label, chosen, score in (("all weight points", points, importance),
                                  ("without heads", without_heads, importance),
@@ -96,7 +96,7 @@ def measure(model, weight_points: list[str], processor, importance_pixels: torch
     for point in weight_points:
         module = model.get_submodule(point)
         original = module.weight.data.clone()
-        module.weight.data = quantized_weight(original, args.bits)
+        module.weight.data = fake_quant_weight(original, args.bits)
         q = F.log_softmax(predict_logits(model, pixels, progress=False), -1)
         module.weight.data = original
         sensitivity[point] = float(F.kl_div(q, fp, log_target=True, reduction="batchmean"))

@@ -82,7 +82,8 @@ def main() -> None:
     print("| post_ln | calibration (s) | calibration / FP forward | fake-quant forward / FP forward |")
     print("|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['calibration_s']:.2f} | {r['calibration_over_fp']:.1f}× | {r['fake_quant_over_fp']:.2f}× |")
+        print(f"| {name} | {r['calibration_s']:.2f} | {r['calibration_over_fp']:.1f}× "
+              f"| {r['fake_quant_over_fp']:.2f}× |")
 
 
 if __name__ == "__main__":

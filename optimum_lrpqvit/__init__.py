@@ -1,13 +1,16 @@
-"""optimum-lrpqvit: LRP-QViT post-training quantization of vision transformers."""
+"""optimum-lrpqvit: LRP-QViT post-training quantization of vision transformers.
+
+Importing the package registers the ``"lrpqvit"`` quantization method with transformers
+(``integrations.transformers``).
+"""
 
 from .config import LRPQConfig
+from .integrations import LRPQuantizer
 from .lrp import compute_importance
 from .nn import calibration, quantizers_disabled
 from .quantize import applied_config, quantize
-from .hub import load_quantized, save_quantized
-from . import integrations  # noqa: F401,E402  (registers "lrpqvit" with transformers)
-from .integrations.optimum import LRPQuantizer
 from .scoring import score_importance
+from .serialization import load_quantized, save_quantized
 
 __all__ = ["LRPQConfig", "LRPQuantizer", "applied_config", "calibration", "compute_importance", "load_quantized",
            "quantize", "quantizers_disabled", "save_quantized", "score_importance"]

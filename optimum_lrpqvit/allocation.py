@@ -1,4 +1,4 @@
-"""Mixed-precision weight-bit allocation (SPEC §5).
+"""Mixed-precision weight-bit allocation (``docs/method.md#bit-allocation``).
 
 LRP-QViT (Ranjan & Savakis, arXiv 2401.11243) gives every layer of the first two transformer blocks b+1 bits
 and pays for it by dropping the least important layers (by LRP importance I_l) to b−1 bits, so that the
@@ -6,9 +6,8 @@ parameter-weighted average weight bits stays at or under b (the size of uniform 
 
 Beyond the paper: an exact knapsack over a candidate set of bit widths (``budget_allocation``, an integer
 linear program solved with ``scipy.optimize.milp``), the per-layer weight-quantization errors it trades off
-(``weight_quantization_errors``), and alternative importance criteria for ablations at equal size
-(``importance_scores``). Everything here is a pure function of plain dicts keyed by quantization point
-(module name); the result ``{point: w_bits}`` feeds the bit plan of ``optimum_lrpqvit.quantize``.
+(``weight_quantization_errors``). Everything here is a pure function of plain dicts keyed by quantization point
+(module name); the result ``{point: w_bits}`` feeds the bit plans of ``mixed_precision``.
 """
 
 from __future__ import annotations
@@ -21,23 +20,19 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .quantizers import DEFAULT_PERCENTILES, check_bits, fake_quant_uniform, search_uniform_params
+from .quantizers import DEFAULT_PERCENTILES, MAX_BITS, MIN_BITS, check_bits, fake_quant_weight
+from .scores import check_scores
 
 __all__ = [
     "DEFAULT_CANDIDATES",
-    "IMPORTANCE_KINDS",
     "budget_allocation",
-    "importance_scores",
     "paper_allocation",
     "plan_summary_bits",
     "quantization_residual",
-    "quantized_weight",
     "weight_quantization_errors",
 ]
 
 DEFAULT_CANDIDATES: tuple[int, ...] = (3, 4, 5, 6, 8)
-IMPORTANCE_KINDS: tuple[str, ...] = ("lrp", "lrp_per_role", "fisher", "random", "uniform")
-_MIN_BITS, _MAX_BITS = 2, 8
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -63,16 +58,7 @@ def _check_same_keys(what: str, mapping: Mapping[str, object], params: Mapping[s
 
 def _check_importance(importance: Mapping[str, float], params: Mapping[str, int]) -> dict[str, float]:
     _check_same_keys("importance", importance, params)
-    out = {}
-    for name, value in importance.items():
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"importance[{name!r}] must be a real number, got {value!r}.") from None
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"importance[{name!r}] must be finite and >= 0, got {value!r}.")
-        out[name] = v
-    return out
+    return check_scores(importance, "importance")
 
 
 def _check_candidates(candidates: Sequence[int]) -> tuple[int, ...]:
@@ -130,9 +116,9 @@ def paper_allocation(
     for name, block in block_of.items():
         if isinstance(block, bool) or not isinstance(block, (int, np.integer)):
             raise ValueError(f"block_of[{name!r}] must be an integer block index, got {block!r}.")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not _MIN_BITS + 1 <= bits <= _MAX_BITS - 1:
-        raise ValueError(f"bits must be an integer between {_MIN_BITS + 1} and {_MAX_BITS - 1} so that bits-1 and "
-                         f"bits+1 stay within {_MIN_BITS}..{_MAX_BITS}, got {bits!r}.")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS + 1 <= bits <= MAX_BITS - 1:
+        raise ValueError(f"bits must be an integer between {MIN_BITS + 1} and {MAX_BITS - 1} so that bits-1 and "
+                         f"bits+1 stay within {MIN_BITS}..{MAX_BITS}, got {bits!r}.")
     if isinstance(first_blocks, bool) or not isinstance(first_blocks, int) or first_blocks < 0:
         raise ValueError(f"first_blocks must be a non-negative integer, got {first_blocks!r}.")
 
@@ -213,7 +199,7 @@ def budget_allocation(
     n = [params[k] // step for k in names]
     limit = (math.floor(Fraction(avg_bits) * total) - lo * total) // step
     if len(cands) == 1 or limit < min(n) * (cands[1] - lo):
-        smaller = f" Add a smaller candidate, e.g. candidates={[lo - 1, *cands]}." if lo > _MIN_BITS else ""
+        smaller = f" Add a smaller candidate, e.g. candidates={[lo - 1, *cands]}." if lo > MIN_BITS else ""
         warnings.warn(f"avg_bits={avg_bits} leaves no room above the smallest candidate: every point gets {lo} bits "
                       f"(no mixed precision).{smaller}", stacklevel=2)
     nl, nb = len(names), len(cands)
@@ -221,13 +207,13 @@ def budget_allocation(
     # minimise −gain / scale, scale = the median point's largest gain, kept within 1e6 of the largest gain (HiGHS
     # fails on wider cost ranges). HiGHS' tolerances (incl. its 1e-6 absolute MIP gap) are absolute, and gains
     # span orders of magnitude (LRP gives the classifier ~0.9999 of the importance): scaled by the largest gain,
-    # every other point fell below them and was left at whatever bits the solver stopped at.
+    # every other point would fall below them and keep whatever bits the solver stopped at.
     per_point = np.abs(gain).max(axis=1)
     scale = max(np.median(per_point[per_point > 0]), per_point.max() * 1e-6) if per_point.max() > 0 else 1.0
     c = -(gain / scale).ravel()
     one_hot = LinearConstraint(np.kron(np.eye(nl), np.ones((1, nb))), 1, 1)
     size = np.array([[ni * (b - lo) for b in cands] for ni in n], dtype=float).reshape(1, -1)
-    # presolve off: HiGHS' MIP presolve prints debug lines to stdout (scipy 1.17) and was slower on large plans
+    # presolve off: HiGHS' MIP presolve prints debug lines to stdout (scipy 1.17) and is slower on large plans
     options = {"mip_rel_gap": 0.0, "presolve": False}
     cap = limit
     for _ in range(8):
@@ -247,21 +233,10 @@ def budget_allocation(
 
 # ---------------------------------------------------------------------------------------------- errors
 
-@torch.no_grad()
-def quantized_weight(weight: torch.Tensor, bits: int,
-                     percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
-    """Ŵ: per-output-channel uniform quantization of ``weight`` to ``bits`` with the percentile/MSE range search
-    (``search_uniform_params`` over the ``(fan_in, out_channels)`` view, as ``QuantLinear`` / ``QuantConv2d``
-    do), in float32 and the weight's shape."""
-    cols = weight.detach().float().reshape(weight.shape[0], -1).t()
-    scale, zero = search_uniform_params(cols, bits, channelwise=True, percentiles=percentiles)
-    return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
-
-
 def quantization_residual(weight: torch.Tensor, bits: int,
                           percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
-    """Ŵ − W (``quantized_weight``), in float32."""
-    return quantized_weight(weight, bits, percentiles) - weight.detach().float()
+    """Ŵ − W (``quantizers.fake_quant_weight``), in float32."""
+    return fake_quant_weight(weight, bits, percentiles) - weight.detach().float()
 
 
 def weight_quantization_errors(
@@ -286,64 +261,3 @@ def weight_quantization_errors(
         out[name] = {b: quantization_residual(w, b, percentiles).double().pow(2).sum().item() / norm if norm > 0
                      else 0.0 for b in cands}
     return out
-
-
-# ---------------------------------------------------------------------------------------------- importance
-
-def importance_scores(
-    kind: str,
-    points: Sequence[str],
-    scores: Mapping[str, float] | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Relative importance I_l (Σ_l I_l = 1) of ``points`` by criterion ``kind``.
-
-    ``"lrp"`` and ``"fisher"``: the measured ``scores`` C_l (``lrp.compute_importance``,
-    ``fisher.fisher_importance``) normalised, I_l = C_l / Σ C (extra keys, e.g. activation-only points, are
-    ignored); ``"lrp_per_role"``: each C_l first divided by the mean C of the points in the same role (the last
-    part of the name: ``q_proj``, ``fc1``, ``matmul1``, … across blocks), so that layers are compared with
-    their counterparts in other blocks rather than across roles; ``"random"``: u_l ~ U(0, 1] from
-    ``numpy.random.default_rng(seed)`` assigned in sorted point order, normalised (independent of the order
-    of ``points``); ``"uniform"``: I_l = 1/n.
-    """
-    if kind not in IMPORTANCE_KINDS:
-        raise ValueError(f"Unknown importance kind {kind!r}; valid kinds are {list(IMPORTANCE_KINDS)}.")
-    if isinstance(points, (str, bytes)) or not isinstance(points, Sequence) or not points:
-        raise ValueError("points must be a non-empty list of point names.")
-    if len(set(points)) != len(points):
-        duplicates = sorted({p for p in points if points.count(p) > 1})
-        raise ValueError(f"points must be unique, got duplicates: {duplicates}.")
-    if kind == "uniform":
-        return {p: 1.0 / len(points) for p in points}
-    if kind == "random":
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-        ordered = sorted(points)
-        values = 1.0 - np.random.default_rng(int(seed)).random(len(ordered))  # in (0, 1]
-        values = values / values.sum()
-        by_name = dict(zip(ordered, values.tolist()))
-        return {p: by_name[p] for p in points}
-    if not scores:
-        raise ValueError(f"kind={kind!r} needs the measured scores: pass scores={{point: score}}.")
-    missing = [p for p in points if p not in scores]
-    if missing:
-        raise ValueError(f"The scores are missing points: {missing}.")
-    raw = {}
-    for p in points:
-        try:
-            v = float(scores[p])
-        except (TypeError, ValueError):
-            raise ValueError(f"scores[{p!r}] must be a real number, got {scores[p]!r}.") from None
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"scores[{p!r}] must be finite and >= 0, got {scores[p]!r}.")
-        raw[p] = v
-    if kind == "lrp_per_role":
-        roles: dict[str, list[float]] = {}
-        for p, v in raw.items():
-            roles.setdefault(p.rsplit(".", 1)[-1], []).append(v)
-        role_mean = {role: sum(values) / len(values) for role, values in roles.items()}
-        raw = {p: v / role_mean[p.rsplit(".", 1)[-1]] if v > 0 else 0.0 for p, v in raw.items()}
-    total = sum(raw.values())
-    if total <= 0:
-        raise ValueError("The scores of the points sum to 0; cannot normalise them.")
-    return {p: v / total for p, v in raw.items()}

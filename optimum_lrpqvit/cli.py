@@ -1,7 +1,4 @@
-"""``lrpqvit``: quantize, score, evaluate and push from the command line (also ``optimum-cli lrpqvit``).
-
-Each command imports the modules it needs when it runs.
-"""
+"""``lrpqvit``: quantize, score, evaluate and push from the command line (also ``optimum-cli lrpqvit``)."""
 
 from __future__ import annotations
 
@@ -12,6 +9,18 @@ import time
 from pathlib import Path
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from .config import LRPQConfig
+from .data import load_image_dataset, preprocess
+from .evaluation import fidelity, predict_logits
+from .hub import push_directory, save_quantized_model
+from .jobs import load_float_model, quantize_from_dataset
+from .quantize import applied_config
+from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS
+from .scoring import score_importance
+
+__all__ = ["LRPQVitOptimumCommand", "add_commands", "build_parser", "main"]
 
 EXAMPLES = """examples:
   lrpqvit quantize reference_models/vit-fashion-mnist outputs/vit-w4a4 --dataset fashion_mnist \\
@@ -48,13 +57,13 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     q.add_argument("output_dir", help="where to write the quantized model")
     q.add_argument("--w-bits", type=int, default=4, help="weight bits, 2-8 (default 4)")
     q.add_argument("--a-bits", type=int, default=4, help="activation bits, 2-8 (default 4)")
-    q.add_argument("--post-ln", default="crl", choices=["layerwise", "channelwise", "repq", "crl"],
+    q.add_argument("--post-ln", default="crl", choices=POST_LN_TREATMENTS.names(),
                    help="post-LayerNorm activation quantization (default crl)")
     q.add_argument("--crl-k", type=float, default=2.0, help="CRL clipping band in standard deviations (default 2)")
     q.add_argument("--mixed-precision", action="store_true", help="allocate bits per layer by importance")
-    q.add_argument("--allocation", default="paper", choices=["paper", "budget"], help="bit allocation rule")
+    q.add_argument("--allocation", default="paper", choices=ALLOCATION_RULES.names(), help="bit allocation rule")
     q.add_argument("--importance", default="lrp",
-                   help="lrp, lrp_per_role, fisher, random, uniform, or a scores JSON written by `lrpqvit score` "
+                   help=f"{', '.join(IMPORTANCE_CRITERIA.names())}, or a scores JSON written by `lrpqvit score` "
                         "(default lrp)")
     q.add_argument("--dataset", default="fashion_mnist", help="calibration data (see `score --help`)")
     q.add_argument("--split", default="train", help="calibration split (default train)")
@@ -103,8 +112,6 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_dataset(args: argparse.Namespace, split: str, num_samples: int | None):
-    from .data import load_image_dataset
-
     return load_image_dataset(args.dataset, split, num_samples=num_samples, seed=args.seed,
                               image_column=getattr(args, "image_column", None))
 
@@ -120,13 +127,7 @@ def _print_table(rows: list[tuple[str, dict]], title: str) -> None:
 
 
 def quantize_command(args: argparse.Namespace) -> int:
-    from .config import IMPORTANCES, LRPQConfig
-    from .data import preprocess
-    from .evaluation import fidelity, predict_logits
-    from .jobs import load_float_model, quantize_from_dataset, save_quantized_model
-    from .quantize import applied_config
-
-    criterion = args.importance if args.importance in IMPORTANCES else "lrp"
+    criterion = args.importance if args.importance in IMPORTANCE_CRITERIA else "lrp"
     scores = None if criterion == args.importance else args.importance
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
                         mixed_precision=args.mixed_precision or scores is not None, allocation=args.allocation,
@@ -163,9 +164,6 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 
 def score_command(args: argparse.Namespace) -> int:
-    from .jobs import load_float_model
-    from .scoring import score_importance
-
     model, processor = load_float_model(args.model)
     dataset = _load_dataset(args, args.split, args.num_samples)
     metadata = {"model": args.model, "dataset": args.dataset, "split": args.split, "num_samples": args.num_samples,
@@ -180,11 +178,6 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    from .data import preprocess
-    from .evaluation import fidelity, predict_logits
-
     model = AutoModelForImageClassification.from_pretrained(args.model, use_safetensors=True).eval()
     processor = AutoImageProcessor.from_pretrained(args.model)
     pixels, labels = preprocess(_load_dataset(args, args.split, args.num_samples), processor)
@@ -208,8 +201,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def push_command(args: argparse.Namespace) -> int:
-    from .hub import push_directory
-
     url = push_directory(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
                          token=args.token)
     print(f"pushed {args.model_dir} to {url}")

@@ -1,4 +1,5 @@
-"""``LRPQConfig``: what to quantize and how, and the bit plan that records what was applied."""
+"""``LRPQConfig``: the recipe of a quantization and its calibration source; the applied copy also records the
+result (bit plan, its summary, the importance scores used)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .allocation import IMPORTANCE_KINDS
+from .allocation import DEFAULT_CANDIDATES
 from .quantizers import DEFAULT_PERCENTILES, check_bits
+from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS
+from .scores import check_scores
 
-__all__ = ["ALLOCATIONS", "IMPORTANCES", "LRPQConfig", "POST_LN_MODES", "QUANT_METHOD"]
+__all__ = ["FORMAT_VERSION", "LRPQConfig", "QUANT_METHOD"]
 
 QUANT_METHOD = "lrpqvit"
-POST_LN_MODES = ("layerwise", "channelwise", "repq", "crl")
-ALLOCATIONS = ("paper", "budget")
-IMPORTANCES = IMPORTANCE_KINDS
-MEASURED_IMPORTANCES = ("lrp", "lrp_per_role", "fisher")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of the packed checkpoint (docs/method.md#checkpoint-format)
 
 
 class LRPQConfig(QuantizationConfigMixin):
@@ -55,8 +54,8 @@ class LRPQConfig(QuantizationConfigMixin):
             Images scored for importance (a seeded random subset); all of the importance data by default.
         importance_scores (`dict` or `str`, *optional*):
             Precomputed importance `{point name: score}`, or the path of a JSON file written by
-            `lrpqvit score` / `score_importance`; used instead of measuring by the LRP and Fisher criteria. Set by
-            `quantize` to the scores it used.
+            `lrpqvit score` / `score_importance` (read by `quantize`); used instead of measuring by the measured
+            criteria (LRP, Fisher). Set by `quantize` to the scores it used.
         seed (`int`, *optional*, defaults to 0):
             Fixes every random choice (calibration and importance samples, random importance).
         dataset (`str`, *optional*):
@@ -86,7 +85,7 @@ class LRPQConfig(QuantizationConfigMixin):
         mixed_precision: bool = False,
         allocation: str = "paper",
         importance: str = "lrp",
-        candidate_bits: list[int] | tuple[int, ...] = (3, 4, 5, 6, 8),
+        candidate_bits: list[int] | tuple[int, ...] = DEFAULT_CANDIDATES,
         num_importance_samples: int | None = None,
         importance_scores: dict[str, float] | str | None = None,
         seed: int = 0,
@@ -110,10 +109,6 @@ class LRPQConfig(QuantizationConfigMixin):
         self.importance = importance
         self.candidate_bits = [int(b) for b in candidate_bits]
         self.num_importance_samples = num_importance_samples
-        if isinstance(importance_scores, (str, os.PathLike)):
-            from .scoring import read_scores
-
-            importance_scores = read_scores(importance_scores)
         self.importance_scores = importance_scores
         self.seed = seed
         self.dataset = dataset
@@ -127,17 +122,16 @@ class LRPQConfig(QuantizationConfigMixin):
 
     @property
     def measures_importance(self) -> bool:
-        """Whether quantizing with this config measures importance on data (a measured criterion: LRP or
-        Fisher, and no precomputed ``importance_scores``)."""
-        return (self.mixed_precision and self.importance in MEASURED_IMPORTANCES
+        """Whether quantizing with this config measures importance on data (a measured criterion such as LRP
+        or Fisher, and no precomputed ``importance_scores``)."""
+        return (self.mixed_precision and IMPORTANCE_CRITERIA.get(self.importance).measured
                 and self.importance_scores is None)
 
     def post_init(self) -> None:
         """Validate the fields; ValueError says which one is wrong and what is accepted."""
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
-        if self.post_ln not in POST_LN_MODES:
-            raise ValueError(f"post_ln must be one of {POST_LN_MODES}, got {self.post_ln!r}.")
+        POST_LN_TREATMENTS.get(self.post_ln)
         if isinstance(self.crl_k, bool) or not isinstance(self.crl_k, (int, float)) or not (
             math.isfinite(self.crl_k) and self.crl_k > 0
         ):
@@ -147,23 +141,23 @@ class LRPQConfig(QuantizationConfigMixin):
             raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {self.percentiles!r}.")
         if not isinstance(self.mixed_precision, bool):
             raise ValueError(f"mixed_precision must be a bool, got {self.mixed_precision!r}.")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}.")
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}.")
+        ALLOCATION_RULES.get(self.allocation)
+        IMPORTANCE_CRITERIA.get(self.importance)
         for b in self.candidate_bits:
             check_bits(b, "candidate_bits")
         for name in ("num_importance_samples", "num_calibration_samples"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
-        if self.importance_scores is not None and not (
-            isinstance(self.importance_scores, dict) and self.importance_scores
-            and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-                    for v in self.importance_scores.values())
-        ):
-            raise ValueError("importance_scores must be a non-empty {point name: non-negative score} dict or the "
-                             "path of a scores JSON file written by `lrpqvit score`.")
+        scores = self.importance_scores
+        if scores is not None and not isinstance(scores, (str, os.PathLike)):
+            try:
+                if not isinstance(scores, dict) or not scores:
+                    raise ValueError(f"got {scores!r}")
+                check_scores(scores, "importance_scores")
+            except ValueError as error:
+                raise ValueError("importance_scores must be a non-empty {point name: non-negative score} dict or "
+                                 f"the path of a scores JSON file written by `lrpqvit score` ({error}).") from None
         if self.dataset is not None and not isinstance(self.dataset, str):
             raise ValueError(f"dataset must be a Hub dataset id, a local directory or 'fashion_mnist', got "
                              f"{self.dataset!r}.")

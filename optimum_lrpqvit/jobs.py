@@ -1,11 +1,9 @@
-"""End-to-end jobs shared by ``from_pretrained``, ``LRPQuantizer`` and the ``lrpqvit`` command line:
-load a model, draw its calibration images from a dataset, quantize, evaluate, save with a model card."""
+"""Steps shared by quantize-at-load (``from_pretrained``), ``LRPQuantizer`` and the ``lrpqvit`` command line:
+load a float model, draw its calibration and importance images from the dataset a config names, quantize."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,9 +12,9 @@ from torch import nn
 from .architectures import find_family
 from .config import LRPQConfig
 from .data import images_to_pixel_values, load_image_dataset
-from .quantize import applied_config, quantize
+from .quantize import quantize
 
-__all__ = ["dataset_pixel_values", "load_float_model", "quantize_from_dataset", "save_quantized_model"]
+__all__ = ["dataset_pixel_values", "load_float_model", "quantize_from_dataset"]
 
 
 def load_float_model(name_or_path: str | os.PathLike, **kwargs: Any) -> tuple[nn.Module, Any]:
@@ -55,38 +53,3 @@ def quantize_from_dataset(model: nn.Module, config: LRPQConfig, processor: Any) 
     """``quantize`` with the calibration (and importance) images that ``config`` names."""
     calibration, importance = dataset_pixel_values(config, processor, model)
     return quantize(model, config, calibration, importance_data=importance)
-
-
-def save_quantized_model(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    processor: Any = None,
-    *,
-    base_model: str | None = None,
-    results: dict[str, Any] | None = None,
-    name: str | None = None,
-) -> Path:
-    """Save a quantized model for the Hub: packed weights and config, the processor, ``importance.png``
-    (mixed precision), ``results.json`` and a ``README.md`` model card (see ``model_card``) that calls the
-    model ``name`` (default: the directory's name; ``hub.push_directory`` renames it to the repo id)."""
-    from .hub import save_quantized
-    from .model_card import render_model_card
-    from .report import plot_importance
-
-    directory = Path(directory)
-    save_quantized(model, directory)
-    if processor is not None:
-        processor.save_pretrained(directory)
-    config = applied_config(model)
-    figure = None
-    if config.importance_scores is not None:
-        layout = find_family(model).layout(model)
-        figure = "importance.png"
-        plot_importance(config.importance_scores, config.bit_plan, layout.block_of, directory / figure,
-                        title=f"{config.importance} importance and bit plan ({config.allocation} rule)")
-    if results is not None:
-        (directory / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    card = render_model_card(model, base_model=base_model, results=results, figure=figure,
-                             name=name or directory.name)
-    (directory / "README.md").write_text(card)
-    return directory

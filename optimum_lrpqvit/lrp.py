@@ -1,4 +1,4 @@
-"""LRP layer importance (SPEC §4): ``compute_importance(model, data)``.
+"""LRP layer importance (``docs/method.md#lrp-importance``): ``compute_importance(model, data)``.
 
 LRP-QViT (Ranjan & Savakis, arXiv 2401.11243) scores each quantized point l by the positive part of
 gradient ⊙ relevance at its output, M_l = (G_l ⊙ R_l)⁺, with R propagated by the rules of Chefer et al.
@@ -23,9 +23,11 @@ from torch import nn
 from . import relevance
 from .architectures import Family, Layout, find_family
 from .inputs import as_pixel_values
-from .nn import QuantConv2d, QuantLinear, QuantMatMul
+from .nn import is_quantized
+from .scores import normalised
 
-__all__ = ["compute_importance", "image_contributions", "point_contributions", "relevance_and_gradients", "scoring"]
+__all__ = ["check_targets", "compute_importance", "eval_with_gradients_for", "float32_model", "image_contributions",
+           "point_contributions", "relevance_and_gradients", "scoring"]
 
 try:  # timm's LayerScale multiplies by γ: relevance passes through it
     from timm.layers import LayerScale as _TimmLayerScale
@@ -84,7 +86,7 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
     """Route ``model`` (this instance only) through the relevance primitives and record every quantized point;
     everything is undone on exit."""
     family = find_family(model)
-    if any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("compute_importance scores the float model; call it before quantize().")
     layout = family.layout(model)
     recorder = relevance.Recorder()
@@ -168,14 +170,6 @@ def float32_model(model: nn.Module) -> nn.Module:
     if any(p.dtype != torch.float32 for p in model.parameters()):
         return copy.deepcopy(model).float()
     return model
-
-
-def normalised(sums: dict[str, float]) -> dict[str, float]:
-    """I_l = C_l / Σ C_l'; ValueError when every layer scored zero."""
-    total = sum(sums.values())
-    if not total > 0:
-        raise ValueError("Every layer scored zero importance; check the data.")
-    return {point: value / total for point, value in sums.items()}
 
 
 def compute_importance(

@@ -12,7 +12,7 @@ from .quantize import applied_config
 __all__ = ["render_model_card"]
 
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
-TEMPLATE = Path(__file__).with_name("model_cards") / "lrpqvit.md"  # model_cards/ of the repository (a link)
+TEMPLATE = Path(__file__).with_name("model_cards") / "lrpqvit.md"
 
 
 def _dataset_id(name: str | None) -> str | None:
@@ -45,7 +45,8 @@ def render_model_card(
         common = dict(task_type="image-classification", dataset_type=_dataset_id(results["dataset"]),
                       dataset_name=results["dataset"], dataset_split=results["split"], metric_type="accuracy")
         eval_results = [
-            EvalResult(metric_name="top-1 accuracy, full precision", metric_value=round(results["full_precision"]["top1"], 2),
+            EvalResult(metric_name="top-1 accuracy, full precision",
+                       metric_value=round(results["full_precision"]["top1"], 2),
                        **common),
             EvalResult(metric_name="top-1 accuracy, quantized", metric_value=round(results["quantized"]["top1"], 2),
                        **common),

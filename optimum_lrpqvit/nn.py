@@ -1,4 +1,5 @@
-"""Fake-quantized modules: activation quantizers, Linear, Conv2d and the attention matmuls (SPEC §2).
+"""Fake-quantized modules: activation quantizers, Linear, Conv2d and the attention matmuls
+(``docs/method.md#quantizers``).
 
 Each quantizer holds its calibrated parameters as buffers. While ``calibrating`` is set it re-fits them on
 the tensor it sees and then applies them, so one forward pass calibrates every point in execution order
@@ -20,6 +21,7 @@ from .quantizers import (
     search_log_sqrt2_delta,
     search_uniform_params,
     uniform_params,
+    weight_columns,
 )
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "QuantLinear",
     "QuantConv2d",
     "QuantMatMul",
+    "is_quantized",
     "quantizers",
     "calibration",
     "quantizers_disabled",
@@ -143,12 +146,8 @@ class _WeightQuantMixin:
     weight_quantizer: UniformQuantizer
     weight_folded: bool
 
-    def _weight_columns(self) -> torch.Tensor:
-        # (fan_in, out_channels): one quantizer channel per output channel
-        return self.weight.detach().reshape(self.weight.shape[0], -1).t()
-
     def calibrate_weight(self) -> None:
-        self.weight_quantizer.fit(self._weight_columns())
+        self.weight_quantizer.fit(weight_columns(self.weight))
         self.weight_folded = False
 
     def quantized_weight(self) -> torch.Tensor:
@@ -156,7 +155,7 @@ class _WeightQuantMixin:
             return self.weight
         if self.weight_quantizer.calibrating or not self.weight_quantizer.calibrated:
             self.calibrate_weight()
-        wq = self.weight_quantizer.quantize(self._weight_columns())
+        wq = self.weight_quantizer.quantize(weight_columns(self.weight))
         return wq.t().reshape(self.weight.shape)
 
     def fold_weight(self) -> None:
@@ -225,6 +224,11 @@ class QuantMatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.quantizer_a(a), self.quantizer_b(b))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds any quantized module."""
+    return any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules())
 
 
 def quantizers(model: nn.Module) -> list[_Quantizer]:

@@ -2,31 +2,63 @@
 
 Follows RepQ-ViT's pipeline (Li et al., ICCV 2023): one calibration pass with channel-wise post-LayerNorm
 quantizers, reparameterisation to layer-wise (optionally clipped, CRL — LRP-QViT, arXiv 2401.11243), and
-re-calibration of the weights that changed.
+re-calibration of the weights that changed (``docs/method.md``). Every strategy is looked up by name in its
+registry: ``config.post_ln`` in ``post_ln``, ``config.importance`` in ``importance``, ``config.allocation`` in
+``mixed_precision``.
+
+The applied config is attached to the model by ``attach_applied_config``: as ``model.quantization_config``,
+unless an integration registered with ``register_attach_hook`` takes over (the transformers integration puts it
+in ``model.config.quantization_config`` with the quantizer that makes ``save_pretrained`` write packed weights).
 """
 
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .allocation import budget_allocation, importance_scores, paper_allocation, weight_quantization_errors
 from .architectures import Family, Layout, find_family
-from .config import MEASURED_IMPORTANCES, LRPQConfig
-from .fisher import fisher_importance
+from .bit_plan import BitPlan, read_bit_plan
+from .config import LRPQConfig
+from .importance import importance_criterion
 from .inputs import as_pixel_values
-from .lrp import compute_importance
-from .nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, SharedInput, UniformQuantizer, calibration
-from .reparam import clip_channel_params, reparam_factors, reparameterize
+from .mixed_precision import mixed_bit_plan
+from .nn import (
+    LogSqrt2Quantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    SharedInput,
+    UniformQuantizer,
+    calibration,
+    is_quantized,
+)
+from .post_ln import post_ln_treatment
+from .reparam import reparam_factors, reparameterize
+from .scores import read_scores
 
-__all__ = ["PATCH_EMBED_A_BITS", "applied_config", "bit_plan_summary", "calibrate", "fixed_bit_plan", "fold_weights",
-           "layer_importance", "mixed_bit_plan", "prepare_model", "quantize"]
+__all__ = ["applied_config", "attach_applied_config", "calibrate", "fold_weights", "layer_importance",
+           "prepare_model", "quantize", "register_attach_hook"]
 
-PATCH_EMBED_A_BITS = 8
-PAPER_FIRST_BLOCKS = 2
-BitPlan = dict[str, dict[str, int | None]]
+AttachHook = Callable[[nn.Module, LRPQConfig], bool]
+_ATTACH_HOOKS: list[AttachHook] = []
+
+
+def register_attach_hook(hook: AttachHook) -> AttachHook:
+    """Let ``hook(model, config)`` attach the applied config to the models it handles (it returns True for
+    those); hooks run newest first. Registering the same hook twice has no effect."""
+    if hook not in _ATTACH_HOOKS:
+        _ATTACH_HOOKS.insert(0, hook)
+    return hook
+
+
+def attach_applied_config(model: nn.Module, config: LRPQConfig) -> None:
+    """Make ``config`` the applied config of the quantized ``model`` (what ``applied_config`` returns)."""
+    if not any(hook(model, config) for hook in _ATTACH_HOOKS):
+        model.quantization_config = config
 
 
 def applied_config(model: nn.Module) -> LRPQConfig:
@@ -40,96 +72,34 @@ def applied_config(model: nn.Module) -> LRPQConfig:
     return config
 
 
-def fixed_bit_plan(layout: Layout, w_bits: int, a_bits: int) -> BitPlan:
-    """Every point at (w_bits, a_bits); the patch embedding's input at 8 bits."""
-    plan: BitPlan = {p: {"w_bits": w_bits, "a_bits": a_bits} for p in layout.weight_points()}
-    plan[layout.patch_embed]["a_bits"] = PATCH_EMBED_A_BITS
-    plan.update({p: {"w_bits": None, "a_bits": a_bits} for p in layout.points() if p not in plan})
-    return plan
-
-
-def mixed_bit_plan(model: nn.Module, layout: Layout, config: LRPQConfig, importance: dict[str, float]) -> BitPlan:
-    """Per-layer bits from ``importance`` (SPEC §5) at the size of uniform ``config.w_bits``.
-
-    Weight points get their allocated bits; their input activations shift by the same amount (the patch
-    embedding's input stays at 8 bits). Attention products keep ``a_bits``, +1 in the first two blocks with
-    the paper rule.
-    """
-    plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
-    weighted = layout.weight_points()
-    params = {p: model.get_submodule(p).weight.numel() for p in weighted}
-    scores = {p: importance[p] for p in weighted}
-    if config.allocation == "paper":
-        w_bits = paper_allocation(scores, params, {p: layout.block_of[p] for p in weighted}, config.w_bits,
-                                  first_blocks=PAPER_FIRST_BLOCKS)
-    else:
-        weights = {p: model.get_submodule(p).weight.detach() for p in weighted}
-        errors = weight_quantization_errors(weights, config.candidate_bits, config.percentiles)
-        w_bits = budget_allocation(scores, params, errors, config.w_bits, config.candidate_bits)
-    for point, bits in plan.items():
-        if point in w_bits:
-            delta = w_bits[point] - config.w_bits
-            bits["w_bits"] = w_bits[point]
-            if point != layout.patch_embed:
-                bits["a_bits"] = min(8, max(2, config.a_bits + delta))
-        elif config.allocation == "paper" and 0 <= layout.block_of[point] < PAPER_FIRST_BLOCKS:
-            bits["a_bits"] = min(8, config.a_bits + 1)
-    return plan
-
-
 def layer_importance(model: nn.Module, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> dict[str, float]:
-    """Relative importance of every quantized point by ``config.importance`` (seeded); the measured criteria
-    use the config's precomputed ``importance_scores`` when it has them (they must name exactly these points)."""
+    """Relative importance of every quantized point by ``config.importance`` (seeded); a measured criterion
+    uses the config's precomputed ``importance_scores`` when it has them (they must name exactly these points)."""
+    criterion = importance_criterion(config.importance)
     points = layout.points()
-    measured = config.importance_scores if config.importance in MEASURED_IMPORTANCES else None
+    measured = config.importance_scores if criterion.measured else None
     if measured is not None and set(measured) != set(points):
         missing, extra = sorted(set(points) - set(measured)), sorted(set(measured) - set(points))
         raise ValueError(f"importance_scores do not fit this model (missing {missing[:4]}, unknown {extra[:4]}): "
                          "they were scored on another architecture. Score this model with `lrpqvit score`.")
-    if config.measures_importance:
+    if criterion.measured and measured is None:
         if config.num_importance_samples is not None and config.num_importance_samples < len(pixels):
             generator = torch.Generator().manual_seed(config.seed)
             pixels = pixels[torch.randperm(len(pixels), generator=generator)[: config.num_importance_samples]]
-        if config.importance == "fisher":
-            measured = fisher_importance(model, pixels, config.w_bits)
-        else:
-            measured = compute_importance(model, pixels)
-    return importance_scores(config.importance, points, measured, config.seed)
-
-
-def bit_plan_summary(model: nn.Module, plan: BitPlan) -> dict[str, float]:
-    """Parameter-weighted average weight bits, mean activation bits, and model size in MB (10^6 bytes):
-    quantized weights at their bits, every other parameter at 32 bits (scales and zero points not counted)."""
-    weight_bits = weight_params = 0
-    quantized = set()
-    for name, bits in plan.items():
-        if bits["w_bits"] is not None:
-            weight = model.get_submodule(name).weight
-            quantized.add(id(weight))
-            weight_params += weight.numel()
-            weight_bits += weight.numel() * bits["w_bits"]
-    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
-    a_bits = [bits["a_bits"] for bits in plan.values()]
-    return {
-        "avg_w_bits": round(weight_bits / weight_params, 4),
-        "avg_a_bits": round(sum(a_bits) / len(a_bits), 4),
-        "size_mb": round((weight_bits + 32 * other) / 8 / 1e6, 4),
-    }
+        measured = criterion.measure(model, pixels, config)
+    return criterion.relative(points, measured, config.seed)
 
 
 def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPlan, config: LRPQConfig) -> None:
     """Swap in quantized modules at every point of ``layout`` with the bits of ``plan`` (uncalibrated)."""
     pct = tuple(config.percentiles)
-    channelwise = config.post_ln != "layerwise"
-    reparam = config.post_ln in ("repq", "crl")
-    post_ln_linears = [n for _, names in layout.post_ln for n in names]
+    treatment = post_ln_treatment(config.post_ln)
+    post_ln_linears = {n for _, names in layout.post_ln for n in names}
     for name in layout.weight_points()[1:]:
-        linear = model.get_submodule(name)
-        bits = plan[name]
         is_post_ln = name in post_ln_linears
         model.set_submodule(name, QuantLinear.from_linear(
-            linear, bits["w_bits"], bits["a_bits"], act_channelwise=is_post_ln and channelwise, percentiles=pct,
-            add_bias=is_post_ln and reparam))
+            model.get_submodule(name), plan[name].w_bits, plan[name].a_bits, percentiles=pct,
+            act_channelwise=is_post_ln and treatment.channelwise, add_bias=is_post_ln and treatment.reparameterises))
     for _, names in layout.post_ln:
         if len(names) > 1:
             shared = SharedInput()
@@ -137,24 +107,23 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
                 model.get_submodule(name).input_quantizer.shared_input = shared
     conv = model.get_submodule(layout.patch_embed)
     bits = plan[layout.patch_embed]
-    model.set_submodule(layout.patch_embed, QuantConv2d.from_conv(conv, bits["w_bits"], bits["a_bits"], pct))
+    model.set_submodule(layout.patch_embed, QuantConv2d.from_conv(conv, bits.w_bits, bits.a_bits, pct))
     for attn in layout.attentions:
         module = model.get_submodule(attn)
-        module.matmul1 = QuantMatMul(UniformQuantizer(plan[f"{attn}.matmul1"]["a_bits"], percentiles=pct),
-                                     UniformQuantizer(plan[f"{attn}.matmul1"]["a_bits"], percentiles=pct))
-        module.matmul2 = QuantMatMul(LogSqrt2Quantizer(plan[f"{attn}.softmax"]["a_bits"], percentiles=pct),
-                                     UniformQuantizer(plan[f"{attn}.matmul2"]["a_bits"], percentiles=pct))
+        module.matmul1 = QuantMatMul(UniformQuantizer(plan[f"{attn}.matmul1"].a_bits, percentiles=pct),
+                                     UniformQuantizer(plan[f"{attn}.matmul1"].a_bits, percentiles=pct))
+        module.matmul2 = QuantMatMul(LogSqrt2Quantizer(plan[f"{attn}.softmax"].a_bits, percentiles=pct),
+                                     UniformQuantizer(plan[f"{attn}.matmul2"].a_bits, percentiles=pct))
     family.install_attention(model, layout)
 
 
 @torch.no_grad()
 def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig) -> None:
+    treatment = post_ln_treatment(config.post_ln)
     for norm_name, names in layout.post_ln:
         linears: list[QuantLinear] = [model.get_submodule(n) for n in names]
         ref = linears[0].input_quantizer
-        scale, zero_point = ref.scale, ref.zero_point
-        if config.post_ln == "crl":
-            scale, zero_point = clip_channel_params(scale, zero_point, config.crl_k)
+        scale, zero_point = treatment.before_reparam(ref.scale, ref.zero_point, config.crl_k)
         r, b, target_scale, target_zero = reparam_factors(scale, zero_point)
         reparameterize(model.get_submodule(norm_name), linears, r, b)
         low = -target_zero * target_scale
@@ -167,17 +136,13 @@ def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig
             linear.calibrate_weight()
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules())
-
-
 @torch.no_grad()
 def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> None:
     """Calibrate every quantizer of a prepared model in one pass, then reparameterise its post-LayerNorm
     activations (``repq``/``crl``) and re-calibrate the weights that changed. Weights stay float."""
     with calibration(model):
         family.logits(model, pixels)
-    if config.post_ln in ("repq", "crl"):
+    if post_ln_treatment(config.post_ln).reparameterises:
         _reparameterize_post_ln(model, layout, config)
 
 
@@ -195,22 +160,25 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
     ``calibration_data``: a float tensor (N, C, H, W) of preprocessed pixel values, or an iterable of such
     tensors or of dicts holding ``pixel_values``. With ``config.mixed_precision`` the layer importance is
     scored on ``importance_data`` (same forms; the calibration data by default) before quantization, unless
-    ``config.importance_scores`` holds precomputed scores. The model keeps its call signature. ``config`` is
-    not modified: the applied copy (with ``bit_plan``, ``bit_plan_summary`` and, for mixed precision,
-    ``importance_scores``) is ``applied_config(model)``, i.e. ``model.config.quantization_config`` for
-    transformers models and ``model.quantization_config`` otherwise.
+    ``config.importance_scores`` holds precomputed scores (or the path of a scores file). The model keeps its
+    call signature. ``config`` is not modified: the applied copy (with ``bit_plan``, ``bit_plan_summary`` and,
+    for mixed precision, ``importance_scores``) is ``applied_config(model)``, i.e.
+    ``model.config.quantization_config`` for transformers models and ``model.quantization_config`` otherwise.
     """
     if not isinstance(config, LRPQConfig):
         raise TypeError(f"config must be an LRPQConfig, got {type(config).__name__}.")
+    config = copy.deepcopy(config)
+    config.post_init()  # fields may have been changed since the config was built
     family = find_family(model)
-    if _is_quantized(model):
+    if is_quantized(model):
         raise ValueError("This model is already quantized; load the float model again to re-quantize it.")
+    if isinstance(config.importance_scores, (str, os.PathLike)):
+        config.importance_scores = read_scores(config.importance_scores)
     shape = family.input_shape(model)
     pixels = as_pixel_values(calibration_data, *shape)
     param = next(model.parameters())
     pixels = pixels.to(device=param.device, dtype=param.dtype)
 
-    config = copy.deepcopy(config)
     model.eval()
     layout = family.layout(model)
     if config.mixed_precision:
@@ -218,18 +186,13 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
         config.importance_scores = layer_importance(model, layout, config, scored)
         plan = mixed_bit_plan(model, layout, config, config.importance_scores)
     else:
-        plan = fixed_bit_plan(layout, config.w_bits, config.a_bits)
+        plan = BitPlan.fixed(layout, config.w_bits, config.a_bits)
     prepare_model(model, family, layout, plan, config)
     calibrate(model, family, layout, config, pixels)
     fold_weights(model)
 
-    config.bit_plan = plan
-    config.bit_plan_summary = bit_plan_summary(model, plan)
-    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
-        from .integrations.transformers import LRPQHfQuantizer
-
-        model.config.quantization_config = config
-        model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)  # save_pretrained writes packed weights
-    else:
-        model.quantization_config = config
+    applied = read_bit_plan(model, layout)
+    config.bit_plan = applied.to_dict()
+    config.bit_plan_summary = applied.summary(model)
+    attach_applied_config(model, config)
     return model

@@ -1,4 +1,4 @@
-"""Quantizer math for LRP-QViT (SPEC §1).
+"""Quantizer math for LRP-QViT (``docs/method.md#quantizers``).
 
 Uniform asymmetric quantization and log-√2 quantization as used by RepQ-ViT (Li et al., ICCV 2023,
 arXiv 2212.08254) and LRP-QViT (Ranjan & Savakis, arXiv 2401.11243). Everything here is a pure function
@@ -16,11 +16,15 @@ import torch
 
 __all__ = [
     "DEFAULT_PERCENTILES",
+    "MAX_BITS",
+    "MIN_BITS",
     "check_bits",
     "sorted_quantiles",
     "uniform_params",
     "search_uniform_params",
     "fake_quant_uniform",
+    "fake_quant_weight",
+    "uniform_codes",
     "quantize_uniform",
     "dequantize_uniform",
     "search_log_sqrt2_delta",
@@ -28,16 +32,18 @@ __all__ = [
     "dequantize_log_sqrt2",
     "dequantize_log_sqrt2_shift",
     "fake_quant_log_sqrt2",
+    "weight_columns",
 ]
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+MIN_BITS, MAX_BITS = 2, 8
 _TINY = 1e-8
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
-    """Return ``bits`` if it is an int in [2, 8], else raise ValueError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"{what} must be an integer between 2 and 8, got {bits!r}.")
+    """Return ``bits`` if it is an int in [MIN_BITS, MAX_BITS] = [2, 8], else raise ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got {bits!r}.")
     return bits
 
 
@@ -82,9 +88,14 @@ def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return torch.minimum(q, (2**bits - 1) - zero_point, out=q).mul_(scale)
 
 
+def uniform_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Unclamped codes round(x/s) + z, in x's float dtype (values outside [0, 2^b − 1] are off the grid)."""
+    return torch.round(x / scale) + zero_point
+
+
 def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes q = clamp(round(x/s) + z, 0, 2^b − 1) as uint8."""
-    return (torch.round(x / scale) + zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
+    return uniform_codes(x, scale, zero_point).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
 def dequantize_uniform(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,7 @@ def search_uniform_params(
     channelwise: bool = False,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Percentile/MSE range search (SPEC §1).
+    """Percentile/MSE range search.
 
     For each p, the range is [quantile(1 − p), quantile(p)]; the range with the lowest MSE(x, x̂) is kept,
     independently per channel. ``channelwise`` takes one range per last-dim channel, statistics over all
@@ -129,6 +140,21 @@ def search_uniform_params(
     if not channelwise:
         return best_scale.reshape(()), best_zero.reshape(())
     return best_scale, best_zero
+
+
+def weight_columns(weight: torch.Tensor) -> torch.Tensor:
+    """The ``(fan_in, out_channels)`` view of a Linear or Conv weight: one quantizer channel per output channel."""
+    return weight.detach().reshape(weight.shape[0], -1).t()
+
+
+@torch.no_grad()
+def fake_quant_weight(weight: torch.Tensor, bits: int,
+                      percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> torch.Tensor:
+    """Ŵ: per-output-channel uniform quantization of ``weight`` to ``bits`` with the range search, as the
+    quantized Linear and Conv layers calibrate it, in float32 and the weight's shape."""
+    cols = weight_columns(weight.float())
+    scale, zero = search_uniform_params(cols, bits, channelwise=True, percentiles=percentiles)
+    return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
 
 
 def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Relevance-aware primitives for Layer-wise Relevance Propagation through transformers (SPEC §4).
+"""Relevance-aware primitives for Layer-wise Relevance Propagation through transformers
+(``docs/method.md#lrp-importance``).
 
 Rules of Chefer, Gur & Wolf, "Transformer Interpretability Beyond Attention Visualization" (CVPR 2021), as
 used by LRP-QViT (Ranjan & Savakis, arXiv 2401.11243). Each primitive is an autograd function whose
@@ -70,7 +71,8 @@ def record(module: object, tensor: torch.Tensor, suffix: str = "") -> torch.Tens
 
 def alpha1_beta0(x: torch.Tensor, weight: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
     """α1β0 for signed inputs x (m, in), weight (out, in), relevance R = signal (m, out):
-    R_i = Σ_j (x_i⁺ w_ji⁺ + x_i⁻ w_ji⁻) / Z_j · R_j, Z_j = Σ_i (x_i⁺ w_ji⁺ + x_i⁻ w_ji⁻), summed from its terms (≥ 0)."""
+    R_i = Σ_j (x_i⁺ w_ji⁺ + x_i⁻ w_ji⁻) / Z_j · R_j, Z_j = Σ_i (x_i⁺ w_ji⁺ + x_i⁻ w_ji⁻), summed from its
+    terms (≥ 0)."""
     x_pos, x_neg = x.clamp(min=0), x.clamp(max=0)
     w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
     z = F.linear(x_pos, w_pos).addmm_(x_neg, w_neg.t()).add_(EPS)

@@ -1,5 +1,6 @@
 """Scale reparameterisation of post-LayerNorm activations (RepQ-ViT, Li et al., ICCV 2023) and its clipped
-variant CRL (LRP-QViT, Ranjan & Savakis, arXiv 2401.11243). SPEC §3.
+variant CRL (LRP-QViT, Ranjan & Savakis, arXiv 2401.11243);
+``docs/method.md#post-layernorm-activations-repq-vit-and-crl``.
 
 Channel-wise parameters (s_c, z_c) of X = LayerNorm(x) become one layer-wise pair (s̃, z̃) by folding
 r_c = s_c / s̃ and b_c = −z_c s_c / r_c + z̃ s̃ into the LayerNorm affine and the Linear layers fed by X:

@@ -1,12 +1,12 @@
 """LRP importance over many images: sharded over ``accelerate`` processes, checkpointed, resumable.
 
-Global batch ``b`` holds images ``[b·B, (b+1)·B)`` of the dataset; process ``r`` of ``W`` scores the
-batches with ``b mod W = r`` (a streamed dataset is split with ``datasets.distributed.split_dataset_by_node``
-instead, and a resumed process reads past the batches it had done). Each process keeps float64 per-point sums of the per-image contributions
-(``lrp.image_contributions``) and an image count, and every ``checkpoint_every`` of its batches writes them
-to ``checkpoint_dir/rank{r}-of-{W}.safetensors`` (atomically). A run started again with the same arguments
-resumes each process after its last checkpoint, so at most ``checkpoint_every`` batches are redone. At the
-end the sums are all-reduced and normalised: I_l = Σ c_l / Σ_l' Σ c_l', the scores of ``compute_importance``
+Global batch ``b`` holds images ``[b·B, (b+1)·B)`` of the dataset; process ``r`` of ``W`` scores the batches with
+``b mod W = r`` (a streamed dataset is split with ``datasets.distributed.split_dataset_by_node`` instead, and a
+resumed process reads past the batches it had done). Each process keeps float64 per-point sums of the per-image
+contributions (``lrp.image_contributions``) and an image count, and every ``checkpoint_every`` of its batches
+writes them to ``checkpoint_dir/rank{r}-of-{W}.safetensors`` (atomically). A run started again with the same
+arguments resumes each process after its last checkpoint, so at most ``checkpoint_every`` batches are redone. At
+the end the sums are all-reduced and normalised: I_l = Σ c_l / Σ_l' Σ c_l', the scores of ``compute_importance``
 on the same images up to the order of float64 additions.
 """
 
@@ -29,54 +29,12 @@ from torch import nn
 
 from .architectures import find_family
 from .data import images_to_pixel_values
-from .lrp import check_targets, float32_model, image_contributions, normalised
+from .files import atomic_write
+from .lrp import check_targets, float32_model, image_contributions
+from .scores import normalised, write_scores
+from .serialization.digest import content_digest
 
-__all__ = ["SCORES_FORMAT", "read_scores", "score_importance", "write_scores"]
-
-SCORES_FORMAT = "optimum-lrpqvit/importance-scores/1"
-
-
-def _model_digest(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_scores(path: str | os.PathLike, scores: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
-    """Write ``{"format", "scores", "metadata"}`` as JSON (atomically)."""
-    document = {"format": SCORES_FORMAT, "scores": dict(scores), "metadata": dict(metadata)}
-    _atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
-
-
-def read_scores(path: str | os.PathLike) -> dict[str, float]:
-    """The ``{point: importance}`` of a file written by ``write_scores``; ValueError if it is not one."""
-    try:
-        document = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Importance scores file {path} does not exist; write it with `lrpqvit score`.")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"Importance scores file {path} is not valid JSON ({error}); it may be truncated. "
-                         "Score again with `lrpqvit score`.") from None
-    if not isinstance(document, dict) or document.get("format") != SCORES_FORMAT:
-        raise ValueError(f"{path} is not an optimum-lrpqvit importance file (expected format {SCORES_FORMAT!r}, "
-                         f"got {document.get('format') if isinstance(document, dict) else type(document).__name__!r}).")
-    scores = document.get("scores")
-    if not isinstance(scores, dict) or not scores or not all(
-        isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in scores.values()
-    ):
-        raise ValueError(f"{path}: 'scores' must be a non-empty mapping of point names to finite non-negative "
-                         "numbers.")
-    if abs(sum(scores.values()) - 1.0) > 1e-6:
-        raise ValueError(f"{path}: the scores sum to {sum(scores.values())}, not 1; the file was edited or corrupted.")
-    return {str(k): float(v) for k, v in scores.items()}
+__all__ = ["score_importance"]
 
 
 def _load_checkpoint(path: Path, fingerprint: str, points: list[str]) -> tuple[torch.Tensor, int, int] | None:
@@ -140,7 +98,8 @@ def score_importance(
     if use_labels and "label" not in (dataset.column_names or []):
         raise ValueError(f"use_labels=True but the dataset has no 'label' column (columns: {dataset.column_names}).")
 
-    job = dict(model=_model_digest(model), data=getattr(dataset, "_fingerprint", None) or repr(dataset),
+    job = dict(model=content_digest(model.state_dict().values())[:16],
+               data=getattr(dataset, "_fingerprint", None) or repr(dataset),
                batch_size=batch_size, use_labels=use_labels, processes=world, points=points,
                processor=repr(processor.to_dict() if hasattr(processor, "to_dict") else processor))
     fingerprint = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
@@ -156,7 +115,7 @@ def score_importance(
 
     def save() -> None:
         meta = {"fingerprint": fingerprint, "batches_done": str(done), "images": str(images)}
-        _atomic_write(path, lambda tmp: save_file({"sums": sums}, str(tmp), metadata=meta))
+        atomic_write(path, lambda tmp: save_file({"sums": sums}, str(tmp), metadata=meta))
 
     if iterable:  # a stream: each process reads its own part (datasets.distributed), skipping what it did
         from datasets.distributed import split_dataset_by_node

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from optimum_lrpqvit.allocation import (
     budget_allocation,
-    importance_scores,
     paper_allocation,
     plan_summary_bits,
     weight_quantization_errors,
 )
+from optimum_lrpqvit.importance import relative_importance as importance_scores
 from optimum_lrpqvit.nn import QuantConv2d, QuantLinear
 
 # ------------------------------------------------------------------------------------------------ paper rule
@@ -327,7 +327,7 @@ def test_importance_lrp_rejects_bad_scores(lrp, match):
 
 
 def test_importance_rejects_unknown_kind_and_bad_points():
-    with pytest.raises(ValueError, match=r"\['lrp', 'lrp_per_role', 'fisher', 'random', 'uniform'\]"):
+    with pytest.raises(ValueError, match=r"importance must be one of \('lrp', 'lrp_per_role', 'fisher', 'random', 'uniform'\)"):
         importance_scores("hessian", POINTS, None, seed=0)
     with pytest.raises(ValueError, match="non-empty"):
         importance_scores("uniform", [], None, seed=0)

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optimum_lrpqvit.data import fashion_mnist
 from optimum_lrpqvit.data import (
     DEFAULT_FASHION_MNIST_ROOT,
     FASHION_MNIST_LABELS,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    fashion_mnist,
     load_fashion_mnist,
     load_fashion_mnist_arrays,
     read_idx,

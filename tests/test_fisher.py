@@ -1,11 +1,11 @@
+import models
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
 from optimum_lrpqvit.architectures import find_family
-from optimum_lrpqvit.fisher import fisher_importance
+from optimum_lrpqvit.importance.fisher import fisher_importance
 from optimum_lrpqvit.nn import QuantConv2d, QuantLinear
 
 

@@ -3,6 +3,7 @@ import importlib
 import json
 import shutil
 
+import models
 import pytest
 import timm
 import torch
@@ -11,12 +12,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, ViTConfig, ViTForImageClassification
 from transformers.quantizers import auto as hf_auto
 
-import models
 import optimum_lrpqvit.integrations.transformers as hf_integration
 from optimum_lrpqvit import LRPQConfig, quantize
-from optimum_lrpqvit.hub import checkpoint_sizes, content_digest, load_quantized, save_quantized
 from optimum_lrpqvit.nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
 from optimum_lrpqvit.packing import packed_nbytes
+from optimum_lrpqvit.serialization import checkpoint_sizes, content_digest, load_quantized, save_quantized
 
 RAW_TIMM = ("timm_vit", "timm_deit_distilled", "timm_swin")
 

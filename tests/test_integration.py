@@ -5,15 +5,14 @@ import os
 import subprocess
 import sys
 
+import models
 import pytest
 import requests
 import torch
 import yaml
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-import models
-from optimum_lrpqvit import cli
-from optimum_lrpqvit import LRPQConfig, LRPQuantizer, applied_config, load_quantized, quantize
+from optimum_lrpqvit import LRPQConfig, LRPQuantizer, applied_config, cli, load_quantized, quantize
 from optimum_lrpqvit.data import load_fashion_mnist
 from optimum_lrpqvit.jobs import dataset_pixel_values
 

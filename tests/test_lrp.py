@@ -1,15 +1,15 @@
+import models
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers.models.swin.modeling_swin import SwinLayer
-from transformers.models.vit.modeling_vit import ViTLayer
-from transformers.models.deit.modeling_deit import DeiTLayer
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.vision_transformer import Block, VisionTransformer
+from transformers.models.deit.modeling_deit import DeiTLayer
+from transformers.models.swin.modeling_swin import SwinLayer
+from transformers.models.vit.modeling_vit import ViTLayer
 
-import models
 from optimum_lrpqvit import relevance
 from optimum_lrpqvit.lrp import compute_importance, image_contributions, relevance_and_gradients
 

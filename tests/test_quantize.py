@@ -1,13 +1,13 @@
 import copy
 import json
 
+import models
 import pytest
 import timm
 import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
-import models
 from optimum_lrpqvit import LRPQConfig, quantize
 from optimum_lrpqvit.architectures import find_family
 from optimum_lrpqvit.nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul
@@ -258,7 +258,7 @@ def test_hf_qkv_projections_quantize_their_shared_input_once():
 
 
 def test_precomputed_importance_scores_are_used_and_checked(tmp_path):
-    from optimum_lrpqvit.scoring import write_scores
+    from optimum_lrpqvit.scores import write_scores
 
     model = models.deep_timm_vit()
     scores = quantize(models.deep_timm_vit(), LRPQConfig(mixed_precision=True), models.images(8)).quantization_config

@@ -1,14 +1,15 @@
 import math
 
+import models
 import pytest
 import torch
 from torch import nn
 
-import models
 from optimum_lrpqvit import LRPQConfig, quantizers_disabled
 from optimum_lrpqvit.architectures import find_family
+from optimum_lrpqvit.bit_plan import BitPlan, PointBits
 from optimum_lrpqvit.nn import QuantLinear
-from optimum_lrpqvit.quantize import calibrate, fixed_bit_plan, prepare_model
+from optimum_lrpqvit.quantize import calibrate, prepare_model
 from optimum_lrpqvit.quantizers import fake_quant_uniform, search_uniform_params
 from optimum_lrpqvit.reparam import clip_channel_params, reparam_factors, reparameterize
 
@@ -72,7 +73,7 @@ def test_reparameterised_model_in_float_computes_the_original_function(family, p
     config = LRPQConfig(post_ln=post_ln, crl_k=0.5)
     adapter = find_family(model)
     layout = adapter.layout(model)
-    prepare_model(model, adapter, layout, fixed_bit_plan(layout, 4, 4), config)
+    prepare_model(model, adapter, layout, BitPlan.fixed(layout, 4, 4), config)
     norm_before = {n: model.get_submodule(n).weight.clone() for n, _ in layout.post_ln}
     calibrate(model, adapter, layout, config, models.images(32, seed=2))
     # the model really was changed: every post-LN LayerNorm is rescaled and its quantizers are layer-wise
@@ -87,7 +88,7 @@ def test_swin_patch_merging_reduction_gets_a_bias_for_reparam():
     model = models.hf_swin()
     adapter = find_family(model)
     layout = adapter.layout(model)
-    prepare_model(model, adapter, layout, fixed_bit_plan(layout, 4, 4), LRPQConfig(post_ln="repq"))
+    prepare_model(model, adapter, layout, BitPlan.fixed(layout, 4, 4), LRPQConfig(post_ln="repq"))
     reduction = model.swin.encoder.layers[0].downsample.reduction
     assert isinstance(reduction, QuantLinear) and reduction.bias is not None and not reduction.bias.any()
 
@@ -96,9 +97,8 @@ def test_mixed_bits_in_one_group_share_the_reparameterised_range():
     model = models.hf_vit()
     adapter = find_family(model)
     layout = adapter.layout(model)
-    plan = fixed_bit_plan(layout, 4, 4)
     q, k, v = layout.post_ln[0][1]
-    plan[k] = {"w_bits": 4, "a_bits": 6}
+    plan = BitPlan({**BitPlan.fixed(layout, 4, 4), k: PointBits(4, 6)})
     config = LRPQConfig(post_ln="repq")
     prepare_model(model, adapter, layout, plan, config)
     calibrate(model, adapter, layout, config, models.images(32, seed=2))

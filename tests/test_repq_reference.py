@@ -8,10 +8,10 @@ weights, evaluate. Our vectorised implementation must give the same logits.
 
 import copy
 
+import models
 import torch
 import torch.nn.functional as F
 
-import models
 from optimum_lrpqvit import LRPQConfig, quantize
 
 PCTS = (0.999, 0.9999, 0.99999)

@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import models
 import pytest
 import torch
 
-import models
 from optimum_lrpqvit import compute_importance
 from optimum_lrpqvit.data import images_to_pixel_values, load_image_dataset
-from optimum_lrpqvit.scoring import read_scores, score_importance, write_scores
+from optimum_lrpqvit.scores import read_scores, write_scores
+from optimum_lrpqvit.scoring import score_importance
 
 N_IMAGES = 40
 REFERENCE_VIT = Path(__file__).resolve().parents[1] / "reference_models" / "vit-fashion-mnist"
@@ -150,8 +151,8 @@ def test_two_processes_give_the_scores_of_one(checkpoint, tmp_path):
 
 def test_scoring_streams_a_hub_dataset_by_id(checkpoint, images, tmp_path, local_hub):
     """`lrpqvit score --dataset namespace/name` streams a parquet dataset repo over HTTP, like ImageNet on the Hub."""
-    from huggingface_hub import HfApi
     from datasets import load_dataset
+    from huggingface_hub import HfApi
 
     from optimum_lrpqvit.data import prepare_image_dataset
 

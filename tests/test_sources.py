@@ -11,15 +11,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image as PILImage
-
-import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, IterableDataset, List, Value
+from PIL import Image as PILImage
 
 from optimum_lrpqvit.data import (
     images_to_pixel_values,

@@ -16,6 +16,7 @@ from transformers import (
     AttentionInterface,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    PreTrainedModel,
     SwinForImageClassification,
     ViTForImageClassification,
 )
@@ -26,10 +27,16 @@ from transformers.models.vit.modeling_vit import ViTLayer
 from ..relevance import residual_add
 from .base import Family, Layout, quantized_attention
 
-__all__ = ["HF_VIT", "HF_SWIN", "ATTN_IMPLEMENTATION"]
+__all__ = ["ATTN_IMPLEMENTATION", "HF_SWIN", "HF_VIT", "is_transformers_model"]
 
 ATTN_IMPLEMENTATION = "lrpqvit"
 _PREVIOUS_ATTN = "_lrpqvit_previous_attn_implementation"
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model (its config and weights go through ``save_pretrained`` /
+    ``from_pretrained``)."""
+    return isinstance(model, PreTrainedModel)
 
 
 def lrpqvit_attention(

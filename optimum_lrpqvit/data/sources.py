@@ -97,7 +97,8 @@ def _pick_split(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """``splits[split]`` of a ``DatasetDict`` / ``IterableDatasetDict``; a ValueError listing the splits if absent."""
     if split not in splits:
-        raise ValueError(f"{source} has no split {split!r}; available splits: {sorted(splits)}. Pass split= one of them.")
+        raise ValueError(f"{source} has no split {split!r}; available splits: {sorted(splits)}. "
+                         "Pass split= one of them.")
     return splits[split]
 
 
@@ -159,7 +160,8 @@ def _is_image_feature(feature: object) -> bool:
     """A ``datasets.Image`` or the struct of encoded images (``bytes`` and/or ``path``)."""
     from datasets import Image
 
-    return isinstance(feature, Image) or (isinstance(feature, dict) and bool(feature) and set(feature) <= {"bytes", "path"})
+    return isinstance(feature, Image) or (
+        isinstance(feature, dict) and bool(feature) and set(feature) <= {"bytes", "path"})
 
 
 def _is_class_index(feature: object) -> bool:

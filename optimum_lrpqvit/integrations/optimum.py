@@ -1,4 +1,5 @@
-"""``LRPQuantizer``: the Optimum-style entry point, ``LRPQuantizer.from_pretrained(m).quantize(save_dir, config=...)``."""
+"""``LRPQuantizer``: the Optimum-style entry point,
+``LRPQuantizer.from_pretrained(m).quantize(save_dir, config=...)``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from optimum.quantization_base import OptimumQuantizer
 from torch import nn
 
 from ..config import LRPQConfig
-from ..jobs import dataset_pixel_values, load_float_model, save_quantized_model
+from ..hub import save_quantized_model
+from ..jobs import dataset_pixel_values, load_float_model
 from ..quantize import quantize
 
 __all__ = ["LRPQuantizer"]
@@ -51,7 +53,7 @@ class LRPQuantizer(OptimumQuantizer):
     def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, *, config: LRPQConfig,
                  calibration_dataset: Any = None, importance_dataset: Any = None,
                  results: dict[str, Any] | None = None, base_model: str | None = None) -> nn.Module:
-        """Quantize the model with ``config`` and save it to ``save_dir`` (``jobs.save_quantized_model``).
+        """Quantize the model with ``config`` and save it to ``save_dir`` (``hub.save_quantized_model``).
 
         ``calibration_dataset``: preprocessed pixel values (a tensor or batches, as for ``quantize()``), or
         None to draw them from ``config.dataset``; ``importance_dataset`` likewise (default: as

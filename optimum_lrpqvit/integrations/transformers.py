@@ -1,11 +1,13 @@
 """transformers integration: ``LRPQConfig`` and ``LRPQHfQuantizer`` registered as quantization method ``"lrpqvit"``.
 
 With them, ``AutoModelForImageClassification.from_pretrained(packed_dir)`` rebuilds a model saved by
-``hub.save_quantized`` (or by ``save_pretrained`` of a model loaded that way): transformers builds the float
+``save_quantized`` (or by ``save_pretrained`` of a model loaded that way): transformers builds the float
 skeleton on the meta device, the before-loading hook quantizes it with the saved bit plan and gives it exactly the
-checkpoint's tensors (packed weights as buffers, see ``hub.prepare_packed_loading``), transformers' own loader fills
-them from ``model.safetensors``, and the after-loading hook unpacks the weights (``hub.finish_packed_loading``).
-``get_state_dict_and_metadata`` makes ``save_pretrained`` write the packed format.
+checkpoint's tensors (packed weights as buffers, see ``serialization.loading.prepare_packed_loading``),
+transformers' own loader fills them from ``model.safetensors``, and the after-loading hook unpacks the weights
+(``finish_packed_loading``). ``get_state_dict_and_metadata`` makes ``save_pretrained`` write the packed format.
+Importing this module also registers an attach hook with ``quantize``, so that a quantized transformers model
+carries its applied config in ``model.config.quantization_config`` together with this quantizer.
 
 ``from_pretrained(float_checkpoint, quantization_config=LRPQConfig(dataset=..., ...))`` loads the float weights,
 then the after-loading hook draws the calibration (and importance) images the config names, preprocesses them
@@ -19,19 +21,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+from transformers import AutoImageProcessor
 from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 
+from ..architectures import is_transformers_model
 from ..config import QUANT_METHOD, LRPQConfig
-from ..hub import (
-    canonical_tensors,
-    finish_packed_loading,
-    packed_state_dict,
-    prepare_packed_loading,
-    read_checkpoint,
-)
+from ..jobs import quantize_from_dataset
+from ..quantize import register_attach_hook
+from ..serialization.format import packed_state_dict
+from ..serialization.loading import finish_packed_loading, prepare_packed_loading
+from ..serialization.reading import canonical_tensors, read_checkpoint
+from ..serialization.saving import config_to_save
 
-__all__ = ["LRPQHfQuantizer", "register"]
+__all__ = ["LRPQHfQuantizer", "attach_to_transformers_model", "register"]
 
 
 class LRPQHfQuantizer(HfQuantizer):
@@ -51,7 +55,7 @@ class LRPQHfQuantizer(HfQuantizer):
         if not self.quantization_config.bit_plan:
             raise ValueError("The lrpqvit quantization_config of this checkpoint has no bit_plan, so it was not saved "
                              "by optimum-lrpqvit; save the quantized model again with "
-                             "optimum_lrpqvit.hub.save_quantized.")
+                             "optimum_lrpqvit.save_quantized.")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any):
@@ -70,15 +74,12 @@ class LRPQHfQuantizer(HfQuantizer):
         if self.pre_quantized:
             finish_packed_loading(model, getattr(self, "_source", "checkpoint"))
             return model
-        from transformers import AutoImageProcessor
-
-        from ..jobs import quantize_from_dataset
-
         processor = AutoImageProcessor.from_pretrained(model.name_or_path)
         # quantize() attaches the applied config and a pre-quantized quantizer, so save_pretrained writes packed
         return quantize_from_dataset(model, self.quantization_config, processor)
 
     def get_state_dict_and_metadata(self, model):
+        config_to_save(model)  # config.json is written after this: its bit plan is the modules'
         return packed_state_dict(model)
 
     def is_serializable(self) -> bool:
@@ -102,11 +103,22 @@ def _register(mapping: dict, decorator, cls: type) -> None:
                          f"{current.__module__}.{current.__qualname__}; optimum-lrpqvit cannot register its own.")
 
 
+def attach_to_transformers_model(model: nn.Module, config: LRPQConfig) -> bool:
+    """``quantize``'s attach hook: the applied config goes to ``model.config.quantization_config`` with a
+    pre-quantized ``LRPQHfQuantizer``, so that ``save_pretrained`` / ``push_to_hub`` write packed weights."""
+    if not is_transformers_model(model):
+        return False
+    model.config.quantization_config = config
+    model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)
+    return True
+
+
 def register() -> None:
     """Register ``LRPQConfig`` and ``LRPQHfQuantizer`` under ``"lrpqvit"`` (idempotent; transformers' own
     ``register_*`` functions raise on a second registration of a name)."""
     _register(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _auto.register_quantization_config, LRPQConfig)
     _register(_auto.AUTO_QUANTIZER_MAPPING, _auto.register_quantizer, LRPQHfQuantizer)
+    register_attach_hook(attach_to_transformers_model)
 
 
 register()

@@ -3,8 +3,8 @@
 Quantizes the bundled reference ViT and Swin at W4/A4 (CRL with fixed bits, and CRL with LRP mixed precision
 under LRP-QViT's allocation rule), seed 0, through the public API only, and stores each model's logits on the
 first 64 Fashion-MNIST test images and its bit plan. It also saves two packed checkpoints (the reference ViT
-with mixed precision through ``save_pretrained``, and a tiny raw timm ViT with the budget rule through ``save_quantized``) so that
-later versions prove they still read checkpoints written by this one.
+with mixed precision through ``save_pretrained``, and a tiny raw timm ViT with the budget rule through
+``save_quantized``) so that later versions prove they still read checkpoints written by this one.
 
     python tests/golden/make_golden.py        # from the repository root; ~1 minute on 2 cores
 

@@ -1,5 +1,4 @@
-"""Fisher importance: a sensitivity criterion to set against LRP at equal model size (SPEC §5, "other
-importance criteria").
+"""Fisher importance (``"fisher"``): a sensitivity criterion to set against LRP at equal model size.
 
 F_l = Σ_i E_x[g_i²] · (Ŵ_i − W_i)², the diagonal-Fisher estimate of how much the log-likelihood of the
 model's own prediction drops when only layer l's weights are quantized to ``bits`` (the second-order
@@ -13,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocation import quantization_residual
-from .architectures import find_family
-from .inputs import as_pixel_values
-from .lrp import eval_with_gradients_for, float32_model, normalised
+from ..allocation import quantization_residual
+from ..architectures import find_family
+from ..config import LRPQConfig
+from ..inputs import as_pixel_values
+from ..lrp import eval_with_gradients_for, float32_model
+from ..registry import IMPORTANCE_CRITERIA
+from ..scores import normalised
+from .base import ImportanceCriterion, Scores, normalised_over
 
 __all__ = ["fisher_importance"]
 
@@ -44,3 +47,10 @@ def fisher_importance(model: nn.Module, data: object, bits: int) -> dict[str, fl
     sums = {point: float((sq_grads[point].double() * quantization_residual(w, bits).double().square()).sum())
             for point, w in weights.items()}
     return normalised({point: sums.get(point, 0.0) for point in layout.points()})
+
+
+def _measure(model: nn.Module, pixel_values: torch.Tensor, config: LRPQConfig) -> Scores:
+    return fisher_importance(model, pixel_values, config.w_bits)
+
+
+IMPORTANCE_CRITERIA.register("fisher")(ImportanceCriterion(relative=normalised_over, measure=_measure))
