@@ -19,7 +19,7 @@ from ..config import LRPQConfig
 from ..registry import IMPORTANCE_CRITERIA
 from ..scores import check_scores, normalised
 
-__all__ = ["ImportanceCriterion", "importance_criterion", "normalised_over", "relative_importance"]
+__all__ = ["ImportanceCriterion", "importance_criterion", "normalised_over", "relative_importance", "scores_of"]
 
 Scores = Mapping[str, float]
 
@@ -43,14 +43,20 @@ def importance_criterion(name: str) -> ImportanceCriterion:
     return IMPORTANCE_CRITERIA.get(name)
 
 
-def normalised_over(points: Sequence[str], scores: Scores | None, name: str = "lrp") -> dict[str, float]:
-    """I_l = C_l / Σ C over ``points`` (extra keys of ``scores``, e.g. activation-only points, are ignored)."""
+def scores_of(points: Sequence[str], scores: Scores | None) -> dict[str, float]:
+    """The checked scores of ``points`` (extra keys, e.g. activation-only points, are ignored); ValueError when
+    they are missing."""
     if not scores:
-        raise ValueError(f"kind={name!r} needs the measured scores: pass scores={{point: score}}.")
+        raise ValueError("This importance criterion needs the measured scores: pass scores={point: score}.")
     missing = [p for p in points if p not in scores]
     if missing:
         raise ValueError(f"The scores are missing points: {missing}.")
-    return normalised(check_scores({p: scores[p] for p in points}))
+    return check_scores({p: scores[p] for p in points})
+
+
+def normalised_over(points: Sequence[str], scores: Scores | None, seed: int = 0) -> dict[str, float]:
+    """I_l = C_l / Σ C over ``points`` (``seed`` unused: the criterion is deterministic)."""
+    return normalised(scores_of(points, scores))
 
 
 def relative_importance(kind: str, points: Sequence[str], scores: Scores | None = None,

@@ -11,8 +11,8 @@ from torch import nn
 from ..config import LRPQConfig
 from ..lrp import compute_importance
 from ..registry import IMPORTANCE_CRITERIA
-from ..scores import check_scores, normalised
-from .base import ImportanceCriterion, Scores, normalised_over
+from ..scores import normalised
+from .base import ImportanceCriterion, Scores, normalised_over, scores_of
 
 __all__ = ["per_role"]
 
@@ -29,12 +29,7 @@ def per_role(points: Sequence[str], scores: Scores | None, seed: int = 0) -> dic
     """Each C_l divided by the mean C of the points in the same role (the last part of the name: ``q_proj``,
     ``fc1``, ``matmul1``, … across blocks), then normalised: layers are compared with their counterparts in
     other blocks rather than across roles."""
-    if not scores:
-        raise ValueError("kind='lrp_per_role' needs the measured scores: pass scores={point: score}.")
-    missing = [p for p in points if p not in scores]
-    if missing:
-        raise ValueError(f"The scores are missing points: {missing}.")
-    raw = check_scores({p: scores[p] for p in points})
+    raw = scores_of(points, scores)
     roles: dict[str, list[float]] = {}
     for p, v in raw.items():
         roles.setdefault(_role(p), []).append(v)
