@@ -33,7 +33,7 @@ from ..quantize import register_attach_hook
 from ..serialization.format import packed_state_dict
 from ..serialization.loading import finish_packed_loading, prepare_packed_loading
 from ..serialization.reading import canonical_tensors, read_checkpoint
-from ..serialization.saving import config_to_save
+from ..serialization.saving import record_bit_plan
 
 __all__ = ["LRPQHfQuantizer", "attach_to_transformers_model", "register"]
 
@@ -79,7 +79,7 @@ class LRPQHfQuantizer(HfQuantizer):
         return quantize_from_dataset(model, self.quantization_config, processor)
 
     def get_state_dict_and_metadata(self, model):
-        config_to_save(model)  # config.json is written after this: its bit plan is the modules'
+        record_bit_plan(model)  # save_pretrained writes config.json after this call
         return packed_state_dict(model)
 
     def is_serializable(self) -> bool:

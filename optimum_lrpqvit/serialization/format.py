@@ -29,8 +29,8 @@ from ..packing import pack_codes, unpack_codes
 from ..quantizers import uniform_codes
 from .digest import content_digest
 
-__all__ = ["CONFIG_NAME", "DIGEST_KEY", "RESAVE", "VERSION_KEY", "WEIGHTS_NAME", "checkpoint_sizes", "pack_weight",
-           "packed_state_dict", "unpack_weight", "weight_modules"]
+__all__ = ["CONFIG_NAME", "DIGEST_KEY", "RESAVE", "VERSION_KEY", "WEIGHTS_NAME", "WeightModule", "checkpoint_sizes",
+           "pack_weight", "packed_state_dict", "unpack_weight", "weight_modules"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -38,16 +38,16 @@ VERSION_KEY = "lrpqvit_format_version"
 DIGEST_KEY = "lrpqvit_sha256"
 RESAVE = "save the quantized model again with `optimum_lrpqvit.save_quantized` (or download it again)"
 _INT16 = (-(2**15), 2**15 - 1)
-_WeightModule = QuantLinear | QuantConv2d
+WeightModule = QuantLinear | QuantConv2d
 
 
-def weight_modules(model: nn.Module) -> dict[str, _WeightModule]:
+def weight_modules(model: nn.Module) -> dict[str, WeightModule]:
     """Name → module of every quantized layer with weights."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
 
 
 @torch.no_grad()
-def pack_weight(module: _WeightModule, name: str = "module") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_weight(module: WeightModule, name: str = "module") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed codes, scale, zero point) of a folded quantized weight; ValueError if it is not on its grid.
 
     The codes are recovered from the folded weight as q = round(w / s) + z per output channel and checked to

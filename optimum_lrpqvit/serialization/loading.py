@@ -20,12 +20,10 @@ from ..nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, Unifo
 from ..packing import packed_nbytes
 from ..quantize import attach_applied_config, prepare_model
 from ..quantizers import MAX_BITS, MIN_BITS
-from .format import CONFIG_NAME, RESAVE, unpack_weight, weight_modules
+from .format import CONFIG_NAME, RESAVE, WeightModule, unpack_weight, weight_modules
 from .reading import canonical_tensors, config_from_document, read_checkpoint, read_config, weight_files
 
 __all__ = ["finish_packed_loading", "load_quantized", "prepare_packed_loading"]
-
-_WeightModule = QuantLinear | QuantConv2d
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def _quantizer_shapes(quantizer: nn.Module, owner: nn.Module) -> tuple[tuple[int
     return (), (0,)
 
 
-def _to_packed_form(module: _WeightModule, bits: int, zero_point_dtype: torch.dtype) -> None:
+def _to_packed_form(module: WeightModule, bits: int, zero_point_dtype: torch.dtype) -> None:
     """Give ``module`` the packed tensors as persistent buffers and drop its float weight and weight-quantizer
     parameters from its state dict, so that a state-dict loader fills exactly the tensors of the checkpoint."""
     weight = module.weight

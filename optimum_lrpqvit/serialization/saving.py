@@ -14,12 +14,13 @@ from ..config import LRPQConfig
 from ..quantize import applied_config, attach_applied_config
 from .format import CONFIG_NAME, WEIGHTS_NAME, packed_state_dict
 
-__all__ = ["config_to_save", "save_quantized"]
+__all__ = ["record_bit_plan", "save_quantized"]
 
 
-def config_to_save(model: nn.Module) -> LRPQConfig:
-    """The applied config of ``model`` with its bit plan read from the quantized modules, which is what the
-    packed tensors hold (``config.json`` records the modules, never a plan they might have left)."""
+def record_bit_plan(model: nn.Module) -> LRPQConfig:
+    """Set the bit plan of ``model``'s applied config to what its quantized modules hold, which is what the
+    packed tensors hold (``config.json`` records the modules, never a plan they might have left); returns the
+    config."""
     config = applied_config(model)
     config.bit_plan = read_bit_plan(model, find_family(model).layout(model)).to_dict()
     return config
@@ -35,12 +36,12 @@ def save_quantized(model: nn.Module, save_directory: str | os.PathLike, **save_p
     ``load_quantized(save_directory, model=<float timm model of the same architecture>)``, or quantize timm models
     inside ``TimmWrapperForImageClassification`` for ``from_pretrained`` support.
     """
-    config = config_to_save(model)
-    if is_transformers_model(model):
+    if is_transformers_model(model):  # its quantizer records the bit plan while save_pretrained runs
         if getattr(model, "hf_quantizer", None) is None:  # dropped since quantize(): attach it again
-            attach_applied_config(model, config)
+            attach_applied_config(model, applied_config(model))
         model.save_pretrained(save_directory, **save_pretrained_kwargs)
         return
+    config = record_bit_plan(model)
     if save_pretrained_kwargs:
         raise TypeError(f"Unexpected arguments for a {type(model).__name__}: {sorted(save_pretrained_kwargs)}.")
     state, metadata = packed_state_dict(model)
