@@ -10,6 +10,7 @@ back from the quantized modules (``read_bit_plan``: the modules are where the bi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -98,10 +99,12 @@ class BitPlan(Mapping[str, PointBits]):
         quantized = set()
         for name, bits in self.items():
             if bits.w_bits is not None:
-                weight = model.get_submodule(name).weight
-                quantized.add(id(weight))
-                weight_params += weight.numel()
-                weight_bits += weight.numel() * bits.w_bits
+                module = model.get_submodule(name)
+                numel = math.prod(module.weight_shape)
+                if "weight" in module._parameters:  # float or folded; a packed weight is no parameter
+                    quantized.add(id(module.weight))
+                weight_params += numel
+                weight_bits += numel * bits.w_bits
         other = sum(p.numel() for p in model.parameters() if id(p) not in quantized)
         a_bits = [bits.a_bits for bits in self.values()]
         return {

@@ -1,4 +1,4 @@
-"""``lrpqvit``: quantize, score, evaluate and push from the command line (also ``optimum-cli lrpqvit``)."""
+"""``lrpqvit``: quantize, score, evaluate, push and export from the command line (also ``optimum-cli lrpqvit``)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .config import LRPQConfig
 from .data import load_image_dataset, preprocess
 from .evaluation import fidelity, predict_logits
+from .export import DEFAULT_OPSET, compare_with_onnxruntime, example_input_shape, export_onnx
 from .hub import push_directory, save_quantized_model
 from .jobs import load_float_model, quantize_from_dataset
 from .quantize import applied_config
 from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS
 from .scoring import score_importance
+from .serialization import load_quantized
 
 __all__ = ["LRPQVitOptimumCommand", "add_commands", "build_parser", "main"]
 
@@ -31,6 +34,7 @@ EXAMPLES = """examples:
       --mixed-precision --importance scores.json
   lrpqvit evaluate outputs/vit-w4a4 --reference reference_models/vit-fashion-mnist --dataset fashion_mnist
   lrpqvit push outputs/vit-w4a4 my-user/vit-fashion-mnist-w4a4
+  lrpqvit export outputs/vit-w4a4 vit-w4a4.onnx --verify 64
 """
 
 
@@ -46,8 +50,8 @@ def _data_args(parser: argparse.ArgumentParser, split: str, samples_help: str) -
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    """Add the four subcommands to ``parser`` (each sets ``args.run``)."""
-    sub = parser.add_subparsers(title="commands", metavar="{quantize,score,evaluate,push}")
+    """Add the subcommands to ``parser`` (each sets ``args.run``)."""
+    sub = parser.add_subparsers(title="commands", metavar="{quantize,score,evaluate,push,export}")
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed with its bit plan and model card",
                        description="Load a float model (Hub id or directory), calibrate on a seeded sample of a "
@@ -110,6 +114,18 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="Hub token (default: the saved login)")
     p.set_defaults(run=push_command)
 
+    x = sub.add_parser("export", help="export a quantized model to ONNX (QDQ graph with the integer codes)",
+                       description="Load a quantized model directory (or Hub id) and write it as an ONNX graph of "
+                                   "QuantizeLinear/DequantizeLinear pairs that integer kernels (onnxruntime) run. "
+                                   'Needs `pip install "optimum-lrpqvit[onnx]"`.')
+    x.add_argument("model", help="quantized model: directory written by `lrpqvit quantize`, or a Hub id")
+    x.add_argument("output", help="the .onnx file to write (its directory must exist)")
+    x.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    x.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="run the export with onnxruntime on N random inputs and print the largest logit difference "
+                        "and the top-1 agreement with the PyTorch model (default 0: no check)")
+    x.set_defaults(run=export_command)
+
 
 def _load_dataset(args: argparse.Namespace, split: str, num_samples: int | None):
     return load_image_dataset(args.dataset, split, num_samples=num_samples, seed=args.seed,
@@ -127,6 +143,9 @@ def _print_table(rows: list[tuple[str, dict]], title: str) -> None:
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise NotADirectoryError(f"output_dir {args.output_dir} exists and is not a directory; give a new or existing "
+                                 "directory (checked before quantizing).")
     criterion = args.importance if args.importance in IMPORTANCE_CRITERIA else "lrp"
     scores = None if criterion == args.importance else args.importance
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
@@ -207,6 +226,19 @@ def push_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    model = load_quantized(args.model)
+    path = export_onnx(model, args.output, opset=args.opset)
+    print(f"ONNX graph written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if args.verify:
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randn(args.verify, *example_input_shape(model)[1:], generator=generator)
+        check = compare_with_onnxruntime(model, path, pixels)
+        print(f"onnxruntime vs PyTorch on {args.verify} random inputs: largest logit difference "
+              f"{check['max_abs_logit_diff']:.3g}, top-1 agreement {check['top1_agreement']:.2f} %")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrpqvit", description="LRP-QViT post-training quantization of vision transformers.",
@@ -234,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 class LRPQVitOptimumCommand(BaseOptimumCLICommand):
     """`optimum-cli lrpqvit ...` (registered by optimum/commands/register/lrpqvit.py)."""
 
-    COMMAND = CommandInfo(name="lrpqvit", help="LRP-QViT post-training quantization (quantize, score, evaluate, push)")
+    COMMAND = CommandInfo(name="lrpqvit",
+                          help="LRP-QViT post-training quantization (quantize, score, evaluate, push, export)")
 
     @staticmethod
     def parse_args(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,8 @@ result (bit plan, its summary, the importance scores used)."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
 from typing import Any
@@ -18,6 +20,26 @@ __all__ = ["FORMAT_VERSION", "LRPQConfig", "QUANT_METHOD"]
 
 QUANT_METHOD = "lrpqvit"
 FORMAT_VERSION = 1  # of the packed checkpoint (docs/method.md#checkpoint-format)
+
+
+def _number_list(value: object, name: str) -> list:
+    """``value`` as a list of numbers (ints stay ints, so that ``check_bits`` sees 2.5 as it is); ValueError for
+    a string, None or a non-number element."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of numbers, got {value!r}.")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} must be a list of numbers, got the element {v!r} in {list(value)!r}.")
+    return list(value)
+
+
+def _unknown_options_message(kwargs: dict[str, Any]) -> str:
+    known = [p for p in inspect.signature(LRPQConfig.__init__).parameters if p not in ("self", "kwargs")]
+    hints = []
+    for key in sorted(kwargs):
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"LRPQConfig got unknown option(s) {', '.join(hints)}; the options are {', '.join(known)}."
 
 
 class LRPQConfig(QuantizationConfigMixin):
@@ -71,8 +93,9 @@ class LRPQConfig(QuantizationConfigMixin):
             Set by `quantize`: `{point name: {"w_bits": int | None, "a_bits": int}}`.
         bit_plan_summary (`dict`, *optional*):
             Set by `quantize`: `{"avg_w_bits", "avg_a_bits", "size_mb"}`.
-        kwargs:
-            Unknown keys are kept as attributes (forward compatibility of saved configs).
+
+    Unknown keyword arguments raise TypeError (a misspelled option must not be ignored); ``from_dict``, which reads
+    saved configs, keeps unknown keys as attributes instead, for configs written by later versions.
     """
 
     def __init__(
@@ -94,20 +117,25 @@ class LRPQConfig(QuantizationConfigMixin):
         num_calibration_samples: int = 32,
         bit_plan: dict[str, dict[str, int | None]] | None = None,
         bit_plan_summary: dict[str, float] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
         **kwargs: Any,
     ) -> None:
+        if kwargs:
+            raise TypeError(_unknown_options_message(kwargs))
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r} for an LRPQConfig, got {quant_method!r}.")
         self.quant_method = QUANT_METHOD
-        self.format_version = kwargs.pop("format_version", FORMAT_VERSION)
-        kwargs.pop("quant_method", None)
+        self.format_version = format_version
         self.w_bits = w_bits
         self.a_bits = a_bits
         self.post_ln = post_ln
         self.crl_k = crl_k
-        self.percentiles = [float(p) for p in percentiles]
+        self.percentiles = _number_list(percentiles, "percentiles")
         self.mixed_precision = mixed_precision
         self.allocation = allocation
         self.importance = importance
-        self.candidate_bits = [int(b) for b in candidate_bits]
+        self.candidate_bits = _number_list(candidate_bits, "candidate_bits")
         self.num_importance_samples = num_importance_samples
         self.importance_scores = importance_scores
         self.seed = seed
@@ -116,9 +144,25 @@ class LRPQConfig(QuantizationConfigMixin):
         self.num_calibration_samples = num_calibration_samples
         self.bit_plan = bit_plan
         self.bit_plan_summary = bit_plan_summary
-        for key, value in kwargs.items():
-            setattr(self, key, value)
         self.post_init()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config saved as ``config_dict`` (``to_dict``); keys this version does not know are kept as
+        attributes, so that a config written by a later version still loads and saves them again."""
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        config = cls(**{k: v for k, v in config_dict.items() if k in known})
+        for key, value in config_dict.items():
+            if key not in known:
+                setattr(config, key, value)
+        unused = {}
+        for key, value in kwargs.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        config.post_init()
+        return (config, unused) if return_unused_kwargs else config
 
     @property
     def measures_importance(self) -> bool:
@@ -137,12 +181,16 @@ class LRPQConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"crl_k must be a positive finite number, got {self.crl_k!r} "
                              "(use post_ln='repq' for no clipping).")
+        self.percentiles = _number_list(self.percentiles, "percentiles")
+        self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {self.percentiles!r}.")
         if not isinstance(self.mixed_precision, bool):
             raise ValueError(f"mixed_precision must be a bool, got {self.mixed_precision!r}.")
         ALLOCATION_RULES.get(self.allocation)
         IMPORTANCE_CRITERIA.get(self.importance)
+        if not self.candidate_bits:
+            raise ValueError("candidate_bits must be a non-empty list of integers between 2 and 8, got [].")
         for b in self.candidate_bits:
             check_bits(b, "candidate_bits")
         for name in ("num_importance_samples", "num_calibration_samples"):

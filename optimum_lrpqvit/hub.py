@@ -35,20 +35,25 @@ def save_quantized_model(
     (mixed precision), ``results.json`` and a ``README.md`` model card (see ``model_card``) that calls the
     model ``name`` (default: the directory's name; ``push_directory`` renames it to the repo id)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory; give a new or existing directory.")
+    config = applied_config(model)
+    figure = "importance.png" if config.importance_scores is not None else None
+    # the card first: it checks `results`, before anything is written
+    card = render_model_card(model, base_model=base_model, results=results, figure=figure,
+                             name=name or directory.name)
     save_quantized(model, directory)
     if processor is not None:
         processor.save_pretrained(directory)
-    config = applied_config(model)
-    figure = None
-    if config.importance_scores is not None:
+    for stale, written in (("importance.png", figure), ("results.json", results)):
+        if written is None and (directory / stale).is_file():  # left by an earlier run into this directory
+            (directory / stale).unlink()
+    if figure is not None:
         layout = find_family(model).layout(model)
-        figure = "importance.png"
         plot_importance(config.importance_scores, config.bit_plan, layout.block_of, directory / figure,
                         title=f"{config.importance} importance and bit plan ({config.allocation} rule)")
     if results is not None:
         (directory / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    card = render_model_card(model, base_model=base_model, results=results, figure=figure,
-                             name=name or directory.name)
     (directory / "README.md").write_text(card)
     return directory
 
@@ -66,6 +71,11 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool 
     if not config.bit_plan:
         raise ValueError(f"{directory}/config.json has no bit plan; it was not saved by optimum-lrpqvit.")
     read_checkpoint(weight_files(directory))  # digest and format checks
+    links = [p for p in Path(directory).rglob("*") if p.is_symlink()]
+    if links:
+        raise ValueError(f"{directory} holds symbolic links ({', '.join(map(str, links[:3]))}); push_directory "
+                         "uploads regular files of the directory only, so that nothing outside it is published. "
+                         "Replace the links by copies, or remove them.")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision is not None:

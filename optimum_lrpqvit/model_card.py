@@ -19,6 +19,27 @@ def _dataset_id(name: str | None) -> str | None:
     return FASHION_MNIST_HUB_ID if name == "fashion_mnist" else name
 
 
+_RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.top1", "quantized.top1", "quantized.agreement",
+                "quantized.kl")
+
+
+def _check_results(results: object) -> None:
+    """ValueError naming the missing keys unless ``results`` has the form ``render_model_card`` documents."""
+    def has(key: str) -> bool:
+        node = results
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = [k for k in _RESULT_KEYS if not has(k)]
+    if missing:
+        raise ValueError(f"results lacks {missing}: it must be the dict `lrpqvit evaluate --output` writes, "
+                         "{'dataset', 'split', 'num_images', 'full_precision': {'top1'}, 'quantized': {'top1', "
+                         "'agreement', 'kl'}}.")
+
+
 def render_model_card(
     model: nn.Module,
     *,
@@ -42,6 +63,7 @@ def render_model_card(
     name = str(name or getattr(model, "name_or_path", None) or type(model).__name__)
     eval_results = None
     if results is not None:
+        _check_results(results)
         common = dict(task_type="image-classification", dataset_type=_dataset_id(results["dataset"]),
                       dataset_name=results["dataset"], dataset_split=results["split"], metric_type="accuracy")
         eval_results = [

@@ -9,17 +9,21 @@ with all upstream points already quantized (as RepQ-ViT does).
 from __future__ import annotations
 
 import abc
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import pack_codes, unpack_codes
 from .quantizers import (
     DEFAULT_PERCENTILES,
+    dequantize_uniform,
     fake_quant_log_sqrt2,
     fake_quant_uniform,
     search_log_sqrt2_delta,
     search_uniform_params,
+    uniform_codes,
     uniform_params,
     weight_columns,
 )
@@ -31,10 +35,15 @@ __all__ = [
     "QuantLinear",
     "QuantConv2d",
     "QuantMatMul",
+    "dequantize_packed_weight",
     "is_quantized",
+    "pack_weights",
+    "packed_weight_tensors",
     "quantizers",
     "calibration",
     "quantizers_disabled",
+    "unpack_weights",
+    "weight_modules",
 ]
 
 
@@ -140,17 +149,41 @@ class LogSqrt2Quantizer(_Quantizer):
 
 
 class _WeightQuantMixin:
-    """Per-output-channel weight quantization; ``fold_weight`` replaces the float weight by x̂ for good."""
+    """Per-output-channel weight quantization, with the weight in one of three forms:
+
+    * float: the ``weight`` Parameter, fake-quantized on every call (while calibrating);
+    * folded (``fold_weight``): ``weight`` holds x̂ = s · (q − z) for good, as float (research code that needs
+      weights as Parameters, e.g. for gradients);
+    * packed (``pack_weight``, what ``quantize`` and the loaders leave): no float weight. Buffers ``weight_packed``
+      (the codes q = round(w/s) + z of the row-major ``(out, ...)`` weight, bit-packed at b bits by
+      ``packing.pack_codes``), ``weight_scale`` (float32, ``(out,)``) and ``weight_zero_point`` (int16, or float32
+      when not integral, ``(out,)``); each call dequantizes x̂ = s · (q − z), bit-identical to the folded weight.
+      These are also the tensors of the packed checkpoint (``docs/method.md#checkpoint-format``). ``weight`` is
+      then an empty tensor that only carries the weight's dtype and device (model code reads
+      ``projection.weight.dtype``, and ``model.to(...)`` moves and casts it); the shape is ``weight_shape``.
+    """
 
     weight: nn.Parameter
     weight_quantizer: UniformQuantizer
     weight_folded: bool
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the float weight, also when it is packed."""
+        raise NotImplementedError
+
+    @property
+    def weight_is_packed(self) -> bool:
+        return "weight_packed" in self._buffers
 
     def calibrate_weight(self) -> None:
         self.weight_quantizer.fit(weight_columns(self.weight))
         self.weight_folded = False
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.weight_is_packed:
+            return dequantize_packed_weight(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                            self.weight_quantizer.bits, self.weight_shape).to(self.weight.dtype)
         if self.weight_folded or not self.weight_quantizer.enabled:
             return self.weight
         if self.weight_quantizer.calibrating or not self.weight_quantizer.calibrated:
@@ -158,10 +191,70 @@ class _WeightQuantMixin:
         wq = self.weight_quantizer.quantize(weight_columns(self.weight))
         return wq.t().reshape(self.weight.shape)
 
+    @torch.no_grad()
     def fold_weight(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(self.quantized_weight())
+        """Float weight ← x̂ (from the packed codes, or fake-quantized from the float weight)."""
+        weight = self.quantized_weight().detach().clone()
+        if self.weight_is_packed:
+            for name in ("weight", "weight_packed", "weight_scale", "weight_zero_point"):
+                del self._buffers[name]
+            self.weight_quantizer._non_persistent_buffers_set.difference_update(("scale", "zero_point"))
+            self.weight = nn.Parameter(weight)
+        else:
+            self.weight.copy_(weight)
         self.weight_folded = True
+
+    @torch.no_grad()
+    def pack_weight(self, name: str = "module") -> None:
+        """Replace the float weight by its packed codes; ValueError (naming ``name``) if a folded weight is no longer
+        on its grid. The weight quantizer's scale and zero point stay set but leave the state dict, where
+        ``weight_scale`` / ``weight_zero_point`` hold them."""
+        if self.weight_is_packed:
+            return
+        if not self.weight_folded:
+            self.fold_weight()
+        packed, scale, zero_point = packed_weight_tensors(self.weight, self.weight_quantizer, name)
+        dtype, device = self.weight.dtype, self.weight.device
+        del self.weight
+        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero_point)
+        self.weight_quantizer._non_persistent_buffers_set.update(("scale", "zero_point"))
+
+
+def dequantize_packed_weight(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                             shape: tuple[int, ...]) -> torch.Tensor:
+    """x̂ = s · (q − z) of ``shape`` (output channels first, float32) from codes packed by ``packing.pack_codes``."""
+    out = shape[0]
+    codes = unpack_codes(packed.reshape(-1), bits, (out, math.prod(shape[1:])))
+    return dequantize_uniform(codes, scale.reshape(-1, 1).float(), zero_point.reshape(-1, 1).float()).reshape(shape)
+
+
+def packed_weight_tensors(weight: torch.Tensor, quantizer: UniformQuantizer,
+                          name: str = "module") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed codes, float32 scale, int16 — or float32 if not integral — zero point) of a weight on its grid.
+
+    The codes q = round(w / s) + z per output channel must reproduce ``weight`` bit for bit: ValueError naming
+    ``name`` otherwise (e.g. a folded weight changed after quantization)."""
+    weight = weight.detach()
+    out = weight.shape[0]
+    scale = quantizer.scale.detach().float().reshape(-1)
+    zero_point = quantizer.zero_point.detach().float().reshape(-1)
+    if scale.numel() != out or zero_point.numel() != out:
+        raise ValueError(f"{name}: the weight quantizer has {scale.numel()} scales for {out} output channels.")
+    rows = weight.reshape(out, -1)
+    codes = uniform_codes(rows.float(), scale[:, None], zero_point[:, None])
+    high = 2**quantizer.bits - 1
+    if not bool(((codes >= 0) & (codes <= high)).all()) or not torch.equal(
+        ((codes - zero_point[:, None]) * scale[:, None]).to(weight.dtype), rows
+    ):
+        raise ValueError(f"{name}: the weight is not on its {quantizer.bits}-bit quantization grid (was it changed "
+                         "after quantize()?); it cannot be stored packed without changing the model.")
+    integral = torch.equal(zero_point, zero_point.round())
+    in_range = bool(((zero_point >= -(2**15)) & (zero_point < 2**15)).all())
+    zero_point = zero_point.to(torch.int16) if integral and in_range else zero_point
+    return pack_codes(codes.to(torch.uint8), quantizer.bits), scale.clone(), zero_point.clone()
 
 
 class QuantLinear(_WeightQuantMixin, nn.Linear):
@@ -174,6 +267,10 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
         self.weight_quantizer = UniformQuantizer(w_bits, channelwise=True, percentiles=percentiles)
         self.input_quantizer = UniformQuantizer(a_bits, channelwise=act_channelwise, percentiles=percentiles)
         self.weight_folded = False
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.out_features, self.in_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_bits: int, a_bits: int, act_channelwise: bool = False,
@@ -209,6 +306,10 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         q.weight_folded = False
         return q.to(conv.weight.device)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.out_channels, self.in_channels // self.groups, *self.kernel_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
@@ -229,6 +330,25 @@ class QuantMatMul(nn.Module):
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` holds any quantized module."""
     return any(isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul)) for m in model.modules())
+
+
+def weight_modules(model: nn.Module) -> dict[str, QuantLinear | QuantConv2d]:
+    """Name → module of every quantized layer with weights."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+def pack_weights(model: nn.Module) -> nn.Module:
+    """Give every quantized weight of ``model`` the packed form (integer codes in memory, no float copy)."""
+    for name, module in weight_modules(model).items():
+        module.pack_weight(name)
+    return model
+
+
+def unpack_weights(model: nn.Module) -> nn.Module:
+    """Give every quantized weight of ``model`` the folded form: a float Parameter holding x̂ (same outputs)."""
+    for module in weight_modules(model).values():
+        module.fold_weight()
+    return model
 
 
 def quantizers(model: nn.Module) -> list[_Quantizer]:

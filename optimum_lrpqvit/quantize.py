@@ -1,4 +1,4 @@
-"""``quantize(model, config, data)``: calibrate → reparameterise post-LayerNorm activations → fold weights.
+"""``quantize(model, config, data)``: calibrate → reparameterise post-LayerNorm activations → pack weights.
 
 Follows RepQ-ViT's pipeline (Li et al., ICCV 2023): one calibration pass with channel-wise post-LayerNorm
 quantizers, reparameterisation to layer-wise (optionally clipped, CRL — LRP-QViT, arXiv 2401.11243), and
@@ -35,12 +35,13 @@ from .nn import (
     UniformQuantizer,
     calibration,
     is_quantized,
+    pack_weights,
 )
 from .post_ln import post_ln_treatment
 from .reparam import reparam_factors, reparameterize
 from .scores import read_scores
 
-__all__ = ["applied_config", "attach_applied_config", "calibrate", "fold_weights", "layer_importance",
+__all__ = ["applied_config", "attach_applied_config", "calibrate", "layer_importance",
            "prepare_model", "quantize", "register_attach_hook"]
 
 AttachHook = Callable[[nn.Module, LRPQConfig], bool]
@@ -146,13 +147,6 @@ def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConf
         _reparameterize_post_ln(model, layout, config)
 
 
-def fold_weights(model: nn.Module) -> None:
-    """Replace every float weight by its quantized value (x̂ = s · (q − z))."""
-    for module in model.modules():
-        if isinstance(module, (QuantLinear, QuantConv2d)):
-            module.fold_weight()
-
-
 def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
              importance_data: object = None) -> nn.Module:
     """Quantize ``model`` in place with ``config``, calibrating on ``calibration_data``; returns the model.
@@ -161,7 +155,9 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
     tensors or of dicts holding ``pixel_values``. With ``config.mixed_precision`` the layer importance is
     scored on ``importance_data`` (same forms; the calibration data by default) before quantization, unless
     ``config.importance_scores`` holds precomputed scores (or the path of a scores file). The model keeps its
-    call signature. ``config`` is not modified: the applied copy (with ``bit_plan``, ``bit_plan_summary`` and,
+    call signature. Its quantized weights are left packed: integer codes in memory, dequantized per layer and
+    call (``nn.pack_weights``; ``nn.unpack_weights`` gives float Parameters holding the same x̂, for research code
+    that needs them). ``config`` is not modified: the applied copy (with ``bit_plan``, ``bit_plan_summary`` and,
     for mixed precision, ``importance_scores``) is ``applied_config(model)``, i.e.
     ``model.config.quantization_config`` for transformers models and ``model.quantization_config`` otherwise.
     """
@@ -189,7 +185,7 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
         plan = BitPlan.fixed(layout, config.w_bits, config.a_bits)
     prepare_model(model, family, layout, plan, config)
     calibrate(model, family, layout, config, pixels)
-    fold_weights(model)
+    pack_weights(model)
 
     applied = read_bit_plan(model, layout)
     config.bit_plan = applied.to_dict()

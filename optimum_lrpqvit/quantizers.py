@@ -28,6 +28,8 @@ __all__ = [
     "quantize_uniform",
     "dequantize_uniform",
     "search_log_sqrt2_delta",
+    "log_sqrt2_levels",
+    "log_sqrt2_thresholds",
     "quantize_log_sqrt2",
     "dequantize_log_sqrt2",
     "dequantize_log_sqrt2_shift",
@@ -157,24 +159,35 @@ def fake_quant_weight(weight: torch.Tensor, bits: int,
     return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
 
 
+def log_sqrt2_thresholds(delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """The 2^b code boundaries T_k = Δ · 2^(−(k + ½)/2), k = 0 … 2^b − 1 (descending, float32): between the levels
+    of codes k and k + 1, where round(−2·log2(x/Δ)) steps. Computed in float64 and rounded once, so that the codes
+    do not depend on any library's log2."""
+    k = torch.arange(2**bits, dtype=torch.float64, device=delta.device)
+    return (torch.exp2(-(k + 0.5) / 2) * delta.double()).float()
+
+
 def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log-√2 codes q = round(−2·log2(x/Δ)), clamped below at 0; code 2^b means "zero" (x = 0 or too small)."""
-    q = torch.round(-2.0 * torch.log2(x / delta)).clamp_(min=0)
-    return torch.where(q >= 2**bits, torch.full_like(q, 2**bits), q).to(torch.int16)
+    """Log-√2 codes q = round(−2·log2(x/Δ)) clamped to [0, 2^b], computed exactly as q = #{k : x < T_k}
+    (``log_sqrt2_thresholds``); the code 2^b is the zero code (x = 0 or below the smallest boundary). int64."""
+    boundaries = log_sqrt2_thresholds(delta, bits).flip(0).to(x.dtype)
+    return 2**bits - torch.bucketize(x, boundaries, right=True)
+
+
+def log_sqrt2_levels(delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """The value of every code, ``(2^b + 1,)``: Δ · 2^(−q/2) for q < 2^b (as ``dequantize_log_sqrt2_shift``
+    computes it) and 0 for the zero code 2^b."""
+    return dequantize_log_sqrt2_shift(torch.arange(2**bits + 1, device=delta.device), delta, bits)
 
 
 def dequantize_log_sqrt2(q: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     """x̂ = Δ · 2^(−q/2), and 0 for the code 2^b."""
-    qf = q.to(delta.dtype)
-    return torch.where(q >= 2**bits, torch.zeros_like(qf), delta * torch.exp2(-qf / 2))
+    return log_sqrt2_levels(delta, bits)[q.long()]
 
 
 def dequantize_log_sqrt2_shift(q: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inference form: Δ · 2^(−⌈q/2⌉) · (√2 if q is odd else 1) — a right shift and one constant multiply.
-
-    Bit-identical to ``dequantize_log_sqrt2`` wherever the value is a normal float32; the subnormal values
-    of 8-bit codes above 252 (< 1.2e-38) may differ in their last bit.
-    """
+    """Inference form: Δ · 2^(−⌈q/2⌉) · (√2 if q is odd else 1) — a right shift and one constant multiply; it
+    defines the levels (``log_sqrt2_levels``): each is an exact power-of-two scaling of Δ or of Δ·√2."""
     q = q.to(torch.int64)
     shifted = torch.ldexp(torch.ones_like(q, dtype=delta.dtype), -((q + 1) // 2))
     odd = torch.where(q % 2 == 1, torch.tensor(2.0**0.5, dtype=delta.dtype), torch.tensor(1.0, dtype=delta.dtype))
@@ -182,10 +195,9 @@ def dequantize_log_sqrt2_shift(q: torch.Tensor, delta: torch.Tensor, bits: int) 
 
 
 def fake_quant_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """x̂ = Δ · 2^(−q/2) with q = clamp(round(−2·log2(x/Δ)), 0, 2^b − 1); codes ≥ 2^b (and x = 0) give 0."""
-    q = torch.div(x, delta).log2_().mul_(-2.0).round_().clamp_(min=0)
-    zero = q >= 2**bits
-    return q.mul_(-0.5).exp2_().mul_(delta).masked_fill_(zero, 0.0)
+    """x̂ = Δ · 2^(−q/2) with q = clamp(round(−2·log2(x/Δ)), 0, 2^b − 1) (``quantize_log_sqrt2``); codes ≥ 2^b
+    (and x = 0) give 0."""
+    return log_sqrt2_levels(delta, bits).to(x.dtype)[quantize_log_sqrt2(x, delta, bits)]
 
 
 def search_log_sqrt2_delta(

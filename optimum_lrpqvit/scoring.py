@@ -55,6 +55,20 @@ def _load_checkpoint(path: Path, fingerprint: str, points: list[str]) -> tuple[t
     return sums, int(meta["batches_done"]), int(meta["images"])
 
 
+def _check_destinations(output: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None) -> None:
+    """Before any image is scored: ``output`` must be a file path in an existing directory, ``checkpoint_dir`` a
+    directory (or not exist yet)."""
+    if output is not None:
+        output = Path(output)
+        if output.is_dir():
+            raise IsADirectoryError(f"output {output} is a directory; give the path of the scores JSON to write.")
+        if not output.parent.is_dir():
+            raise FileNotFoundError(f"The directory of output {output} does not exist; create {output.parent} first "
+                                    "(checked before scoring, so that no run is lost).")
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise NotADirectoryError(f"checkpoint_dir {checkpoint_dir} exists and is not a directory.")
+
+
 def score_importance(
     model: nn.Module,
     dataset: Any,
@@ -83,8 +97,10 @@ def score_importance(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    if batch_size < 1 or checkpoint_every < 1:
-        raise ValueError(f"batch_size and checkpoint_every must be positive, got {batch_size} and {checkpoint_every}.")
+    for name, value in (("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    _check_destinations(output, checkpoint_dir)
     # without cpu=True accelerate ignores the launcher's processes on machines without a GPU
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes

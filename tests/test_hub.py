@@ -1,6 +1,7 @@
 import copy
 import importlib
 import json
+import math
 import shutil
 
 import models
@@ -14,9 +15,24 @@ from transformers.quantizers import auto as hf_auto
 
 import optimum_lrpqvit.integrations.transformers as hf_integration
 from optimum_lrpqvit import LRPQConfig, quantize
-from optimum_lrpqvit.nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer
+from optimum_lrpqvit.nn import (
+    LogSqrt2Quantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    UniformQuantizer,
+    pack_weights,
+    unpack_weights,
+    weight_modules,
+)
 from optimum_lrpqvit.packing import packed_nbytes
-from optimum_lrpqvit.serialization import checkpoint_sizes, content_digest, load_quantized, save_quantized
+from optimum_lrpqvit.serialization import (
+    checkpoint_sizes,
+    content_digest,
+    load_quantized,
+    packed_state_dict,
+    save_quantized,
+)
 
 RAW_TIMM = ("timm_vit", "timm_deit_distilled", "timm_swin")
 
@@ -48,10 +64,10 @@ def test_round_trip_gives_identical_logits(family, tmp_path):
     assert torch.equal(models.logits(model, x), models.logits(loaded, x))
     assert _applied(loaded).bit_plan == _applied(model).bit_plan
     for name, module in loaded.named_modules():
-        if isinstance(module, (QuantLinear, QuantConv2d)):
-            assert module.weight_folded and isinstance(module.weight, torch.nn.Parameter)
-            assert torch.equal(module.weight, model.get_submodule(name).weight)
-            assert not any(n.startswith("weight_") for n, _ in module.named_buffers(recurse=False))
+        if isinstance(module, (QuantLinear, QuantConv2d)):  # packed as quantize() leaves it: no float weight
+            assert module.weight_is_packed and "weight" not in module._parameters
+            assert torch.equal(module.quantized_weight(), model.get_submodule(name).quantized_weight())
+            assert torch.equal(module.weight_packed, model.get_submodule(name).weight_packed)
 
 
 @pytest.mark.parametrize(("family", "config"), [
@@ -99,10 +115,19 @@ def test_size_is_within_ten_percent_of_ideal(bits, tmp_path):
     sizes = checkpoint_sizes(model, tmp_path)
     assert 1.0 < sizes["vs_ideal"] < 1.10, sizes
     assert sizes["vs_full_precision"] < (bits + 1) / 32, sizes
-    weight = model.vit.layers[0].mlp.fc1.weight
+    fc1 = model.vit.layers[0].mlp.fc1
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         packed = f.get_tensor("vit.encoder.layer.0.intermediate.dense.weight_packed")
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(weight.numel(), bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(math.prod(fc1.weight_shape), bits)
+    assert torch.equal(packed, fc1.weight_packed)  # what the file holds is what the model holds
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    layers = weight_modules(loaded)
+    in_memory = sum(t.numel() * t.element_size() for m in layers.values() for t in [*m.parameters(), *m.buffers()])
+    state, _ = packed_state_dict(loaded)
+    in_file = sum(t.numel() * t.element_size() for k, t in state.items() if k.rpartition(".")[0] in layers
+                  or k.rsplit(".", 2)[0] in layers)
+    assert in_memory <= 1.15 * in_file, (in_memory, in_file)
+    assert not any(p.dim() >= 2 for m in layers.values() for p in m.parameters())  # no float weight anywhere
 
 
 def test_loading_needs_no_data(tmp_path, monkeypatch):
@@ -152,11 +177,13 @@ def test_registration_is_idempotent_and_guarded():
 def test_saving_needs_a_quantized_model(tmp_path):
     with pytest.raises(ValueError, match="quantize it"):
         save_quantized(models.hf_vit(), tmp_path)
-    model = _quantized("timm_vit")
+    model = unpack_weights(_quantized("timm_vit"))  # float Parameters holding x̂, which research code may change
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight.add_(1e-3)
     with pytest.raises(ValueError, match="not on its 3-bit quantization grid"):
         save_quantized(model, tmp_path)
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv: the weight is not on its 3-bit quantization grid"):
+        pack_weights(model)
 
 
 def test_raw_timm_checkpoints_need_the_float_model(tmp_path):
@@ -254,6 +281,43 @@ def test_missing_and_unknown_tensors(broken, load):
     _edit_tensors(broken, lambda t: t.update({f"{FC1}.weight_packed": torch.zeros(768, dtype=torch.uint8),
                                               f"{FC1}.weight": torch.zeros(64, 32)}))
     with pytest.raises(ValueError, match=r"holds 1 tensor\(s\) that this model .* do not have"):
+        load(broken)
+
+
+def test_activation_bits_that_do_not_match_the_saved_quantizers(broken, load):
+    # a_bits leave no trace in the tensors' shapes: the plan the weights were saved with catches it
+    _edit_config(broken, lambda q: q["bit_plan"]["vit.layers.0.mlp.fc1"].update(a_bits=8))
+    with pytest.raises(ValueError, match=r"saved with another bit plan .*'vit.layers.0.mlp.fc1': weights "
+                                         r"\{'a_bits': 4, 'w_bits': 3\}, config \{'a_bits': 8, 'w_bits': 3\}"):
+        load(broken)
+
+
+def test_checkpoint_without_its_digest_is_refused(broken, load):
+    path = str(broken / "model.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    del metadata["lrpqvit_sha256"]
+    save_file(load_file(path), path, metadata=metadata)
+    with pytest.raises(OSError, match=r"model\.safetensors has no content digest"):
+        load(broken)
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    (f"{FC1}.bias", float("nan"), rf"{FC1}.bias .*holds NaN or infinite values"),
+    ("vit.encoder.layer.0.output.dense.input_quantizer.scale", 0.0, "input_quantizer.scale .*holds a scale that is "
+                                                                    "not positive"),
+    ("vit.encoder.layer.1.attention.matmul2.quantizer_a.delta", float("nan"), "delta .*holds NaN"),
+    ("vit.encoder.layer.1.attention.matmul2.quantizer_a.delta", -1.0, "delta .*is not positive"),
+    (f"{FC1}.weight_zero_point", 1e9, "weight_zero_point .*holds a zero point that is not an integer within"),
+    (f"{FC1}.input_quantizer.zero_point", 0.5, "zero_point .*holds a zero point that is not an integer"),
+])
+def test_impossible_quantizer_values_are_refused(broken, load, key, value, match):
+    def edit(tensors):
+        old = tensors[key]
+        tensors[key] = torch.full(old.shape, value, dtype=old.dtype if old.is_floating_point() else torch.float32)
+
+    _edit_tensors(broken, edit)
+    with pytest.raises(ValueError, match=match):
         load(broken)
 
 

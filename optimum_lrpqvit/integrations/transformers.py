@@ -32,7 +32,7 @@ from ..jobs import quantize_from_dataset
 from ..quantize import register_attach_hook
 from ..serialization.format import packed_state_dict
 from ..serialization.loading import finish_packed_loading, prepare_packed_loading
-from ..serialization.reading import canonical_tensors, read_checkpoint
+from ..serialization.reading import canonical_tensors, read_checkpoint, stored_bit_plan
 from ..serialization.saving import record_bit_plan
 
 __all__ = ["LRPQHfQuantizer", "attach_to_transformers_model", "register"]
@@ -67,7 +67,8 @@ class LRPQHfQuantizer(HfQuantizer):
         self._source = ", ".join(map(str, checkpoint_files))
         # the tensors under the names transformers' loader will give them (it renames legacy checkpoint keys)
         tensors, stored_names = canonical_tensors(model, read_checkpoint(checkpoint_files), self._source)
-        prepare_packed_loading(model, self.quantization_config, tensors, self._source, stored_names)
+        prepare_packed_loading(model, self.quantization_config, tensors, self._source, stored_names,
+                               stored_bit_plan(checkpoint_files))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):

@@ -16,12 +16,19 @@ from transformers import AutoModelForImageClassification
 from ..architectures import Layout, find_family
 from ..bit_plan import BitPlan
 from ..config import LRPQConfig
-from ..nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, is_quantized, quantizers
+from ..nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, is_quantized
 from ..packing import packed_nbytes
 from ..quantize import attach_applied_config, prepare_model
 from ..quantizers import MAX_BITS, MIN_BITS
-from .format import CONFIG_NAME, RESAVE, WeightModule, unpack_weight, weight_modules
-from .reading import canonical_tensors, config_from_document, read_checkpoint, read_config, weight_files
+from .format import CONFIG_NAME, RESAVE, WeightModule, weight_modules
+from .reading import (
+    canonical_tensors,
+    config_from_document,
+    read_checkpoint,
+    read_config,
+    stored_bit_plan,
+    weight_files,
+)
 
 __all__ = ["finish_packed_loading", "load_quantized", "prepare_packed_loading"]
 
@@ -58,18 +65,17 @@ def _quantizer_shapes(quantizer: nn.Module, owner: nn.Module) -> tuple[tuple[int
 
 
 def _to_packed_form(module: WeightModule, bits: int, zero_point_dtype: torch.dtype) -> None:
-    """Give ``module`` the packed tensors as persistent buffers and drop its float weight and weight-quantizer
-    parameters from its state dict, so that a state-dict loader fills exactly the tensors of the checkpoint."""
+    """Give ``module`` the packed form with empty tensors of the checkpoint's shapes (``nn`` ``pack_weight``), so
+    that a state-dict loader fills exactly the tensors of the checkpoint; no float weight is kept."""
     weight = module.weight
-    shape, dtype, device = tuple(weight.shape), weight.dtype, weight.device
+    shape, device = tuple(weight.shape), weight.device
     del module.weight
-    module.register_buffer("weight", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+    module.register_buffer("weight", torch.empty(0, dtype=weight.dtype, device=device), persistent=False)
     module.weight_quantizer._non_persistent_buffers_set.update(("scale", "zero_point"))
-    out = shape[0]
     module.register_buffer("weight_packed", torch.empty(packed_nbytes(math.prod(shape), bits), dtype=torch.uint8,
                                                         device=device))
-    module.register_buffer("weight_scale", torch.empty(out, dtype=torch.float32, device=device))
-    module.register_buffer("weight_zero_point", torch.empty(out, dtype=zero_point_dtype, device=device))
+    module.register_buffer("weight_scale", torch.empty(shape[0], dtype=torch.float32, device=device))
+    module.register_buffer("weight_zero_point", torch.empty(shape[0], dtype=zero_point_dtype, device=device))
 
 
 def _packed_bits_message(key: str, nbytes: int, shape: tuple[int, ...], planned: int, source: str) -> str:
@@ -81,18 +87,20 @@ def _packed_bits_message(key: str, nbytes: int, shape: tuple[int, ...], planned:
             f"do not belong together; {RESAVE}.")
 
 
-def prepare_packed_loading(model: nn.Module, config: LRPQConfig, specs: Mapping[str, _Spec | torch.Tensor],
-                           source: str, stored_names: Mapping[str, str] | None = None) -> None:
+def prepare_packed_loading(model: nn.Module, config: LRPQConfig, tensors: Mapping[str, torch.Tensor],
+                           source: str, stored_names: Mapping[str, str] | None = None,
+                           stored_plan: Mapping | None = None) -> None:
     """Turn a float model (real or on the meta device) into the packed-loading form for the checkpoint tensors
-    ``specs`` (this model's key → tensor or (shape, dtype)): quantized modules of the bit plan, the packed tensors as
+    ``tensors`` (this model's key → tensor): quantized modules of the bit plan, the packed tensors as
     buffers, activation quantizers shaped as stored. Raises ValueError naming ``source`` unless the model's state
     dict then has exactly the checkpoint's keys, shapes and dtypes (``stored_names``: this model's key → the key in
-    the file, for the messages). ``finish_packed_loading`` completes it."""
+    the file, for the messages) and ``stored_plan`` (the weights' own record of their bit plan, if any) is the plan
+    of ``config``. ``finish_packed_loading`` completes it."""
     if not isinstance(config, LRPQConfig):
         raise TypeError(f"config must be an LRPQConfig, got {type(config).__name__}.")
     if is_quantized(model):
         raise ValueError("The model to load into is already quantized; pass a float model of the architecture.")
-    specs = {k: _Spec(tuple(v.shape), v.dtype) for k, v in specs.items()}
+    specs = {k: _Spec(tuple(v.shape), v.dtype) for k, v in tensors.items()}
     stored_names = dict(stored_names or {})
 
     def label(key: str) -> str:
@@ -108,8 +116,8 @@ def prepare_packed_loading(model: nn.Module, config: LRPQConfig, specs: Mapping[
         zero_dtype = stored.dtype if stored is not None and stored.dtype == torch.float32 else torch.int16
         _to_packed_form(module, plan[name].w_bits, zero_dtype)
     for name, (quantizer, owner) in _activation_quantizers(model).items():
-        tensors = ("delta",) if isinstance(quantizer, LogSqrt2Quantizer) else ("scale", "zero_point")
-        for tensor in tensors:
+        leaves = ("delta",) if isinstance(quantizer, LogSqrt2Quantizer) else ("scale", "zero_point")
+        for tensor in leaves:
             key, current = f"{name}.{tensor}", getattr(quantizer, tensor)
             stored = specs.get(key)
             shape = stored.shape if stored is not None else ()
@@ -118,6 +126,14 @@ def prepare_packed_loading(model: nn.Module, config: LRPQConfig, specs: Mapping[
                                  f"{list(_quantizer_shapes(quantizer, owner))}; {RESAVE}.")
             setattr(quantizer, tensor, torch.empty(shape, dtype=torch.float32, device=current.device))
     _check_tensors(model, plan, specs, source, label)
+    _check_values(model, tensors, source, label)
+    if stored_plan is not None and dict(stored_plan) != config.bit_plan:
+        differ = sorted(k for k in set(stored_plan) | set(config.bit_plan or {})
+                        if stored_plan.get(k) != (config.bit_plan or {}).get(k))
+        raise ValueError(f"{source}: the weights were saved with another bit plan than the one in config.json (they "
+                         f"differ at {differ[:3]}, e.g. {differ[0]!r}: weights {stored_plan.get(differ[0])}, config "
+                         f"{(config.bit_plan or {}).get(differ[0])}); config.json and the weights do not belong "
+                         f"together; {RESAVE}.")
 
 
 def _check_tensors(model: nn.Module, plan: Mapping, specs: Mapping[str, _Spec], source: str,
@@ -141,7 +157,7 @@ def _check_tensors(model: nn.Module, plan: Mapping, specs: Mapping[str, _Spec], 
                 raise ValueError(f"{source}: {label(key)} must be a 1-D uint8 tensor, got {got.dtype} {got.shape}; "
                                  f"{RESAVE}.")
             if got.shape != want.shape:
-                raise ValueError(_packed_bits_message(label(key), got.shape[0], tuple(modules[owner].weight.shape),
+                raise ValueError(_packed_bits_message(label(key), got.shape[0], modules[owner].weight_shape,
                                                       plan[owner].w_bits, source))
             continue
         if got.shape != want.shape:
@@ -157,28 +173,39 @@ def _check_tensors(model: nn.Module, plan: Mapping, specs: Mapping[str, _Spec], 
 
 @torch.no_grad()
 def finish_packed_loading(model: nn.Module, source: str = "checkpoint") -> None:
-    """After the packed tensors were loaded into the buffers of ``prepare_packed_loading``: unpack and dequantize
-    every weight (marked folded), set the weight quantizers, and drop the packed buffers."""
-    for name, module in weight_modules(model).items():
-        if "weight_packed" not in module._buffers:
-            continue
-        packed = module._buffers.pop("weight_packed")
-        scale = module._buffers.pop("weight_scale").float()
-        zero_point = module._buffers.pop("weight_zero_point").float()
-        if not bool(torch.isfinite(scale).all() & (scale > 0).all() & torch.isfinite(zero_point).all()):
-            raise ValueError(f"{source}: {name}.weight_scale / weight_zero_point hold non-positive or non-finite "
-                             f"values; the file is corrupted; {RESAVE}.")
-        placeholder = module._buffers.pop("weight")
-        weight = unpack_weight(packed, scale, zero_point, module.weight_quantizer.bits, placeholder.shape,
-                               placeholder.dtype)
-        module.weight = nn.Parameter(weight.to(placeholder.device))
-        quantizer = module.weight_quantizer
-        quantizer._non_persistent_buffers_set.difference_update(("scale", "zero_point"))
-        quantizer.set_params(scale.to(placeholder.device), zero_point.to(placeholder.device))
-        module.weight_folded = True
-    for quantizer in quantizers(model):
+    """After the packed tensors were loaded into the buffers of ``prepare_packed_loading`` (which checked their
+    values): copy the weight scales and zero points into the weight quantizers; the weights stay packed."""
+    for module in weight_modules(model).values():
+        if module.weight_is_packed:
+            module.weight_quantizer.set_params(module.weight_scale.float(), module.weight_zero_point.float())
+            module.weight_folded = True
+    for quantizer, _ in _activation_quantizers(model).values():
         if isinstance(quantizer, UniformQuantizer):
             quantizer.channelwise = quantizer.scale.dim() > 0
+
+
+def _check_values(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,
+                  label: Callable[[str], str]) -> None:
+    """ValueError unless every float tensor is finite, every scale and log-√2 Δ positive and every zero point an
+    integer within ±2^15 (what calibration gives and the format stores), before anything is loaded."""
+    def bad(key: str, what: str) -> ValueError:
+        return ValueError(f"{source}: {label(key)} {what}; the file is corrupted; {RESAVE}.")
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise bad(key, "holds NaN or infinite values")
+    pairs = [(f"{n}.weight_scale", f"{n}.weight_zero_point") for n in weight_modules(model)]
+    for name, (quantizer, _) in _activation_quantizers(model).items():
+        if isinstance(quantizer, UniformQuantizer):
+            pairs.append((f"{name}.scale", f"{name}.zero_point"))
+        elif not bool((tensors[f"{name}.delta"] > 0).all()):
+            raise bad(f"{name}.delta", "is not positive")
+    for scale_key, zero_key in pairs:
+        zero_point = tensors[zero_key].float()
+        if not bool((tensors[scale_key] > 0).all()):
+            raise bad(scale_key, "holds a scale that is not positive")
+        if not (torch.equal(zero_point, zero_point.round()) and bool((zero_point.abs() <= 2**15).all())):
+            raise bad(zero_key, "holds a zero point that is not an integer within ±32768")
 
 
 def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None = None, **from_pretrained_kwargs):
@@ -216,7 +243,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     files = weight_files(directory)
     source = ", ".join(files)
     tensors, stored_names = canonical_tensors(model, read_checkpoint(files), source)
-    prepare_packed_loading(model, config, tensors, source, stored_names)
+    prepare_packed_loading(model, config, tensors, source, stored_names, stored_bit_plan(files))
     model.load_state_dict(tensors, strict=True)
     finish_packed_loading(model, source)
     model.eval()

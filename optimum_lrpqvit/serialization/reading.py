@@ -14,9 +14,10 @@ from torch import nn
 from ..architectures import is_transformers_model
 from ..config import FORMAT_VERSION, QUANT_METHOD, LRPQConfig
 from .digest import content_digest
-from .format import CONFIG_NAME, DIGEST_KEY, RESAVE, VERSION_KEY, WEIGHTS_NAME
+from .format import BIT_PLAN_KEY, CONFIG_NAME, DIGEST_KEY, RESAVE, VERSION_KEY, WEIGHTS_NAME
 
-__all__ = ["canonical_tensors", "config_from_document", "read_checkpoint", "read_config", "weight_files"]
+__all__ = ["canonical_tensors", "config_from_document", "read_checkpoint", "read_config", "stored_bit_plan",
+           "weight_files"]
 
 
 def read_checkpoint(files: str | os.PathLike | Iterable[str | os.PathLike]) -> dict[str, torch.Tensor]:
@@ -48,14 +49,36 @@ def read_checkpoint(files: str | os.PathLike | Iterable[str | os.PathLike]) -> d
         if version != str(FORMAT_VERSION):
             raise ValueError(f"{path} uses lrpqvit format version {version!r}; this version of optimum-lrpqvit reads "
                              f"version {FORMAT_VERSION}. Upgrade optimum-lrpqvit.")
-        if DIGEST_KEY in metadata:
-            digests[path] = metadata[DIGEST_KEY]
+        if DIGEST_KEY not in metadata:
+            raise OSError(f"{path} has no content digest ({DIGEST_KEY!r} in its metadata), which every packed "
+                          f"checkpoint of optimum-lrpqvit carries: it was modified or rewritten by another tool; "
+                          f"{RESAVE}.")
+        digests[path] = metadata[DIGEST_KEY]
     if len(set(digests.values())) > 1:
         raise OSError(f"The shards {sorted(digests)} come from different saves; {RESAVE}.")
-    if digests and content_digest(tensors.values()) != next(iter(digests.values())):
+    if content_digest(tensors.values()) != next(iter(digests.values())):
         raise OSError(f"{', '.join(files)}: the tensor data does not match the digest written at save time, the file "
                       f"is corrupted; {RESAVE}.")
     return tensors
+
+
+def stored_bit_plan(files: Iterable[str | os.PathLike]) -> dict | None:
+    """The bit plan recorded in the safetensors metadata at save time (``BIT_PLAN_KEY``), or None for files saved
+    before it was recorded; OSError if the shards disagree or it is not valid JSON."""
+    plans = set()
+    for path in files:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            plans.add((f.metadata() or {}).get(BIT_PLAN_KEY))
+    if len(plans) > 1:
+        raise OSError(f"The shards {[os.fspath(f) for f in files]} record different bit plans; {RESAVE}.")
+    plan = plans.pop() if plans else None
+    if plan is None:
+        return None
+    try:
+        return json.loads(plan)
+    except json.JSONDecodeError as e:
+        raise OSError(f"The bit plan in the metadata of {[os.fspath(f) for f in files]} is not valid JSON ({e}); "
+                      f"{RESAVE}.") from e
 
 
 def _key_renamer(model: nn.Module, keys: Iterable[str]) -> Callable[[str], str]:
