@@ -7,7 +7,9 @@ Models: the bundled reference ViT (28×28 Fashion-MNIST, 12 blocks of width 128)
 published ViT-S/16-224 config (nothing is downloaded), quantized with CRL on 4 random calibration images (speed
 does not depend on them). Every variant is timed once per round, the rounds interleaved, so that the machine's
 load changes hit all variants alike; reported are median latencies and the median of the per-round ratios to
-onnxruntime FP32. The float graph is exported with the same torch exporter (TorchScript-based, opset 17).
+onnxruntime FP32. The float graph is exported with the same torch exporter (TorchScript-based, opset 17). The QDQ
+graphs use ``export_onnx``'s default weight codes (uint8 at 8 bits, int8 at 4), and W8/A8 is exported once more
+with ``weight_codes="int8"`` (u8·s8 kernels; exact on CPUs with VNNI, which the results record).
 Writes benchmarks/results/export.json and prints Markdown tables.
 """
 
@@ -89,6 +91,14 @@ def profile(path: Path, x: torch.Tensor, threads: int, work: Path, runs: int = 3
             "integer_ops": sorted(op for op in ops if op in INTEGER_OPS)}
 
 
+def _has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -105,6 +115,8 @@ def measure(name: str, batches: list[int], repeats: int, threads: int, work: Pat
     paths = {"ORT FP32": export_float(model, work / f"{name}-fp32.onnx", calibration[:1])}
     for bits, q in quantized.items():
         paths[f"ORT QDQ W{bits}/A{bits}"] = export_onnx(q, work / f"{name}-w{bits}.onnx")
+    paths["ORT QDQ W8/A8 int8 weights"] = export_onnx(quantized[8], work / f"{name}-w8-int8.onnx",
+                                                      weight_codes="int8")
     sessions = {label: session(path, threads) for label, path in paths.items()}
     row = {"batches": {}, "profiles": {}}
     for batch in batches:
@@ -149,12 +161,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
                "onnxruntime": onnxruntime.__version__, "threads": args.threads,
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "models": {}}
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "vnni": _has_vnni(), "models": {}}
     with tempfile.TemporaryDirectory() as work:
         for name in args.models:
             results["models"][name] = measure(name, args.batches, args.repeats, args.threads, Path(work))
 
-    print(f"latency, {args.threads} threads, {results['cpu_capability']}, median of {args.repeats} interleaved rounds")
+    print(f"latency, {args.threads} threads, {results['cpu_capability']}{' with VNNI' if results['vnni'] else ''}, "
+          f"median of {args.repeats} interleaved rounds")
     print("| model | batch | variant | median (ms) | vs ORT FP32 |")
     print("|---|---|---|---|---|")
     for name, row in results["models"].items():

@@ -2,11 +2,13 @@
 test images, for every reference model at W8/A8 and W4/A4.
 
     python benchmarks/export_agreement.py [--models vit deit swin timm-vit] [--bits 8 4] [--num-images 10000]
+                                          [--weight-codes auto int8]
 
 Each reference model is quantized at load (``from_pretrained(..., quantization_config=LRPQConfig(w_bits=b,
 a_bits=b, dataset="fashion_mnist"))``: CRL, 32 calibration images, seed 0), exported with ``export_onnx`` and
 run by onnxruntime on the test images; printed: top-1 agreement between the two, the largest absolute logit
-difference, and both top-1 accuracies. Writes benchmarks/results/export_agreement.json and a Markdown table.
+difference, and both top-1 accuracies, once per ``export_onnx(weight_codes=...)`` asked for. Writes
+benchmarks/results/export_agreement.json and a Markdown table.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 4])
     parser.add_argument("--num-images", type=int, default=10000)
+    parser.add_argument("--weight-codes", nargs="+", default=["auto"], choices=["auto", "int8", "uint8"])
     args = parser.parse_args()
     results = {"command": " ".join(["python", *sys.argv]), "onnxruntime": onnxruntime.__version__,
                "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rows": []}
@@ -52,30 +55,31 @@ def main() -> None:
         for bits in args.bits:
             config = LRPQConfig(w_bits=bits, a_bits=bits, dataset="fashion_mnist")
             model = AutoModelForImageClassification.from_pretrained(path, quantization_config=config).eval()
-            with tempfile.TemporaryDirectory() as work:
-                onnx_path = export_onnx(model, Path(work) / "model.onnx")
-                started = time.perf_counter()
-                got = ort_logits(onnx_path, pixels)
-                ort_seconds = time.perf_counter() - started
             expected = predict_logits(model, pixels, desc=f"{name} W{bits}/A{bits} PyTorch")
-            row = {"model": name, "bits": bits, "num_images": len(labels),
-                   "top1_agreement": 100.0 * float((got.argmax(1) == expected.argmax(1)).float().mean()),
-                   "disagreeing_images": int((got.argmax(1) != expected.argmax(1)).sum()),
-                   "max_abs_logit_diff": float((got - expected).abs().max()),
-                   "max_abs_logit": float(expected.abs().max()),
-                   "top1_pytorch": 100.0 * float((expected.argmax(1) == labels).float().mean()),
-                   "top1_onnxruntime": 100.0 * float((got.argmax(1) == labels).float().mean()),
-                   "onnxruntime_seconds": ort_seconds}
-            results["rows"].append(row)
-            print(json.dumps(row), file=sys.stderr)
-
+            for codes in args.weight_codes:
+                with tempfile.TemporaryDirectory() as work:
+                    onnx_path = export_onnx(model, Path(work) / "model.onnx", weight_codes=codes)
+                    started = time.perf_counter()
+                    got = ort_logits(onnx_path, pixels)
+                    ort_seconds = time.perf_counter() - started
+                row = {"model": name, "bits": bits, "weight_codes": codes, "num_images": len(labels),
+                       "top1_agreement": 100.0 * float((got.argmax(1) == expected.argmax(1)).float().mean()),
+                       "disagreeing_images": int((got.argmax(1) != expected.argmax(1)).sum()),
+                       "max_abs_logit_diff": float((got - expected).abs().max()),
+                       "max_abs_logit": float(expected.abs().max()),
+                       "top1_pytorch": 100.0 * float((expected.argmax(1) == labels).float().mean()),
+                       "top1_onnxruntime": 100.0 * float((got.argmax(1) == labels).float().mean()),
+                       "onnxruntime_seconds": ort_seconds}
+                results["rows"].append(row)
+                print(json.dumps(row), file=sys.stderr)
     print(f"ONNX export vs PyTorch quantized, {args.num_images} fashion_mnist test images "
           f"(onnxruntime {onnxruntime.__version__}, {results['cpu_capability']})")
-    print("| model | W/A | top-1 agreement (%) | images that differ | max abs logit diff (max abs logit) "
-          "| top-1 PyTorch (%) | top-1 ORT (%) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | W/A | weight codes | top-1 agreement (%) | images that differ | max abs logit diff (max abs "
+          "logit) | top-1 PyTorch (%) | top-1 ORT (%) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["rows"]:
-        print(f"| {r['model']} | {r['bits']}/{r['bits']} | {r['top1_agreement']:.2f} | {r['disagreeing_images']} "
+        print(f"| {r['model']} | {r['bits']}/{r['bits']} | {r['weight_codes']} | {r['top1_agreement']:.2f} "
+              f"| {r['disagreeing_images']} "
               f"| {r['max_abs_logit_diff']:.2g} ({r['max_abs_logit']:.1f}) | {r['top1_pytorch']:.2f} "
               f"| {r['top1_onnxruntime']:.2f} |")
     (ROOT / "benchmarks" / "results" / "export_agreement.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -39,15 +39,16 @@ from optimum_lrpqvit.data import load_image_dataset, preprocess
 from optimum_lrpqvit.evaluation import predict_logits
 model = AutoModelForImageClassification.from_pretrained(sys.argv[1]).eval()
 pixels, _ = preprocess(load_image_dataset("fashion_mnist", "test", num_samples=int(sys.argv[3])),
-                       AutoImageProcessor.from_pretrained(sys.argv[1]))
+                       AutoImageProcessor.from_pretrained(sys.argv[4]))
 save_file({"logits": predict_logits(model, pixels, progress=False).contiguous(),
            "capability": torch.tensor([ord(c) for c in torch.backends.cpu.get_cpu_capability()])}, sys.argv[2])
 """
 
 
-def logits_in_process(directory: Path, out: Path, num_images: int, env: dict[str, str]) -> tuple[torch.Tensor, str]:
-    subprocess.run([sys.executable, "-c", _RUN, str(directory), str(out), str(num_images)], check=True,
-                   env={**os.environ, **env}, capture_output=True)
+def logits_in_process(directory: Path, out: Path, num_images: int, processor: Path,
+                      env: dict[str, str]) -> tuple[torch.Tensor, str]:
+    subprocess.run([sys.executable, "-c", _RUN, str(directory), str(out), str(num_images), str(processor)],
+                   check=True, env={**os.environ, **env}, capture_output=True)
     tensors = load_file(str(out))
     return tensors["logits"], "".join(map(chr, tensors["capability"].tolist()))
 
@@ -71,8 +72,8 @@ def main() -> None:
                 directory = work / f"{name}-w{bits}"
                 save_quantized(AutoModelForImageClassification.from_pretrained(path, quantization_config=config),
                                directory)
-                a, cap_a = logits_in_process(directory, work / "a.safetensors", args.num_images, {})
-                b, cap_b = logits_in_process(directory, work / "b.safetensors", args.num_images, AVX2)
+                a, cap_a = logits_in_process(directory, work / "a.safetensors", args.num_images, path, {})
+                b, cap_b = logits_in_process(directory, work / "b.safetensors", args.num_images, path, AVX2)
                 row = {"model": name, "bits": bits, "kernels": [cap_a, cap_b], "num_images": len(a),
                        "top1_agreement": 100.0 * float((a.argmax(1) == b.argmax(1)).float().mean()),
                        "disagreeing_images": int((a.argmax(1) != b.argmax(1)).sum()),

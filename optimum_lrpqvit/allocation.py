@@ -135,7 +135,8 @@ def paper_allocation(
         first = sum(params[n] for n in params if plan[n] == bits + 1)
         raise ValueError(f"Cannot keep the average at {bits} bits: the first {first_blocks} block(s) hold {first} "
                          f"weight parameters, more than the {sum(params.values()) - first} that can drop to "
-                         f"{bits - 1} bits. Use fewer first_blocks.")
+                         f"{bits - 1} bits: the model is too shallow for this rule. Use allocation='budget' "
+                         "(LRPQConfig), or pass paper_allocation fewer first_blocks.")
     return plan
 
 

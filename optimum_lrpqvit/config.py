@@ -149,7 +149,13 @@ class LRPQConfig(QuantizationConfigMixin):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
         """The config saved as ``config_dict`` (``to_dict``); keys this version does not know are kept as
-        attributes, so that a config written by a later version still loads and saves them again."""
+        attributes, so that a config written by a later version still loads and saves them again. A stored
+        config holds its importance scores, never a path: a path in a downloaded ``config.json`` would be read
+        from outside the model's directory, so it is refused."""
+        if isinstance(config_dict.get("importance_scores"), str):
+            raise ValueError(f"importance_scores in a stored quantization_config must be the scores themselves, not "
+                             f"the path {config_dict['importance_scores']!r} (never followed from a config file); "
+                             "pass the path to LRPQConfig(importance_scores=...) instead.")
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
         config = cls(**{k: v for k, v in config_dict.items() if k in known})
         for key, value in config_dict.items():

@@ -30,10 +30,12 @@ def save_quantized_model(
     base_model: str | None = None,
     results: dict[str, Any] | None = None,
     name: str | None = None,
+    license: str | None = None,
 ) -> Path:
     """Save a quantized model for the Hub: packed weights and config, the processor, ``importance.png``
-    (mixed precision), ``results.json`` and a ``README.md`` model card (see ``model_card``) that calls the
-    model ``name`` (default: the directory's name; ``push_directory`` renames it to the repo id)."""
+    (mixed precision), ``results.json`` and a ``README.md`` model card (see ``model_card``) whose loading example
+    names the model ``name`` (default: ``./<the directory's name>``; ``push_directory`` puts the repo id there)
+    and whose license is ``license``."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory; give a new or existing directory.")
@@ -41,7 +43,7 @@ def save_quantized_model(
     figure = "importance.png" if config.importance_scores is not None else None
     # the card first: it checks `results`, before anything is written
     card = render_model_card(model, base_model=base_model, results=results, figure=figure,
-                             name=name or directory.name)
+                             name=name or f"./{directory.name}", license=license)
     save_quantized(model, directory)
     if processor is not None:
         processor.save_pretrained(directory)
@@ -88,7 +90,7 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool 
         content: str | bytes = str(path)
         if relative.as_posix() == "README.md":
             name = Path(directory).resolve().name
-            content = path.read_text(encoding="utf-8").replace(f'model="{name}"', f'model="{repo_id}"').encode()
+            content = path.read_text(encoding="utf-8").replace(f'model="./{name}"', f'model="{repo_id}"').encode()
         operations.append(CommitOperationAdd(relative.as_posix(), content))
     info = api.create_commit(repo_id, operations, revision=revision,
                              commit_message=commit_message or f"Upload {config.bit_plan_summary['avg_w_bits']}-bit "
@@ -97,12 +99,19 @@ def push_directory(directory: str | os.PathLike, repo_id: str, *, private: bool 
 
 
 def push_to_hub(model: nn.Module, repo_id: str, processor=None, *, base_model: str | None = None,
-                results: dict | None = None, private: bool = False, token: str | None = None) -> str:
+                results: dict | None = None, private: bool = False, token: str | None = None,
+                revision: str | None = None, commit_message: str | None = None, license: str | None = None) -> str:
     """Save ``model`` with ``save_quantized_model`` (packed weights, bit plan, processor, model card with
     the bit plan, importance figure, ``results``) and upload it to ``repo_id``; returns the commit URL.
+    ``base_model`` defaults to the Hub id the model was loaded from, if it was (``model.name_or_path``).
 
-    ``model.push_to_hub`` of a quantized transformers model uploads the packed weights too, but with
-    transformers' generic model card."""
+    A quantized transformers model's own ``model.push_to_hub(repo_id, ...)`` calls this function (the
+    transformers integration installs it on the instance), so both give the same card."""
+    if base_model is None:
+        source = getattr(model, "name_or_path", "") or ""
+        base_model = source if source.count("/") == 1 and not os.path.exists(source) else None
     with tempfile.TemporaryDirectory() as tmp:
-        save_quantized_model(model, tmp, processor, base_model=base_model, results=results, name=repo_id)
-        return push_directory(tmp, repo_id, private=private, token=token)
+        save_quantized_model(model, tmp, processor, base_model=base_model, results=results, name=repo_id,
+                             license=license)
+        return push_directory(tmp, repo_id, private=private, token=token, revision=revision,
+                              commit_message=commit_message)

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import relevance
 from .architectures import Family, Layout, find_family
@@ -115,8 +116,9 @@ def relevance_and_gradients(
 ) -> tuple[Layout, relevance.Recorder]:
     """One forward and the two backward passes; the recorder holds, per point, the gradient
     (``captured["grad"]``) and the relevance (``captured["relevance"]``) of the target logit at its output."""
-    with scoring(model) as (family, layout, recorder), torch.enable_grad():
-        logits = family.logits(model, pixel_values)
+    # the backward passes need autograd even under a caller's torch.inference_mode(); its tensors are cloned
+    with torch.inference_mode(False), torch.enable_grad(), scoring(model) as (family, layout, recorder):
+        logits = family.logits(model, pixel_values.clone())
         if targets is None:
             targets = logits.argmax(-1)
         seed = F.one_hot(targets.to(logits.device), logits.shape[-1]).to(logits.dtype)
@@ -173,12 +175,14 @@ def float32_model(model: nn.Module) -> nn.Module:
 
 
 def compute_importance(
-    model: nn.Module, data: object, targets: Sequence[int] | torch.Tensor | None = None, batch_size: int = 32
+    model: nn.Module, data: object, targets: Sequence[int] | torch.Tensor | None = None, batch_size: int = 32,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Relative LRP importance ``{point name: I_l}`` of every quantized point, summing to 1.
 
     ``data`` as for ``quantize()``; ``targets`` are labels, or None for each image's predicted class.
-    Batches of ``batch_size`` images; a batch gives exactly the per-image results (to float rounding).
+    Batches of ``batch_size`` images; a batch gives exactly the per-image results (to float rounding). A
+    progress bar (tqdm, on stderr) counts the batches when there is more than one and ``progress`` is set.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -190,7 +194,9 @@ def compute_importance(
         num_classes = family.logits(scored, pixels[:1].to(device)).shape[-1]
     labels = check_targets(targets, len(pixels), num_classes)
     sums: dict[str, float] = {}
-    for start in range(0, len(pixels), batch_size):
+    starts = range(0, len(pixels), batch_size)
+    for start in tqdm(starts, desc="LRP importance", unit="batch", leave=False,
+                      disable=not progress or len(starts) < 2):
         batch_targets = None if labels is None else labels[start:start + batch_size]
         contributions = image_contributions(scored, pixels[start:start + batch_size].to(device), batch_targets)
         for point, c in contributions.items():

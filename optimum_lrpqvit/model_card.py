@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from .architectures import find_family
+from .config import LRPQConfig
 from .quantize import applied_config
+from .report import bit_plan_grid, role_of
 
 __all__ = ["render_model_card"]
 
@@ -40,6 +46,22 @@ def _check_results(results: object) -> None:
                          "'agreement', 'kl'}}.")
 
 
+def _mix(counts: Mapping[int, float], unit: str) -> str:
+    """``{bits: share}`` as "3 bits: 7 %, 4 bits: 86 %, ..." (shares of ``unit``)."""
+    return ", ".join(f"{bits} bits: {share:.3g} %" for bits, share in sorted(counts.items())) + f" of the {unit}"
+
+
+def _method_line(config: LRPQConfig) -> str:
+    treatment = {"crl": "clipped reparameterisation of post-LayerNorm activations (CRL)",
+                 "repq": "RepQ-ViT's reparameterisation of post-LayerNorm activations",
+                 "channelwise": "channel-wise post-LayerNorm activation scales",
+                 "layerwise": "per-tensor post-LayerNorm activation scales"}.get(config.post_ln, config.post_ln)
+    if config.mixed_precision:
+        return (f"LRP-QViT ([arXiv:2401.11243](https://arxiv.org/abs/2401.11243)): mixed precision with each layer's "
+                f"bits from its `{config.importance}` importance, {treatment}, log-√2 attention probabilities")
+    return f"W{config.w_bits}/A{config.a_bits} for every layer, with {treatment} and log-√2 attention probabilities"
+
+
 def render_model_card(
     model: nn.Module,
     *,
@@ -47,11 +69,14 @@ def render_model_card(
     results: dict[str, Any] | None = None,
     figure: str | None = None,
     name: str | None = None,
+    license: str | None = None,
 ) -> str:
     """The README.md of a quantized model: card metadata (``base_model``, ``base_model_relation: quantized``,
     library and pipeline tags, datasets, accuracy before and after as model-index results), the bit plan as
-    a table with its summary, and ``figure`` (a file in the same repo) when given. ``name``: the repo id or
-    directory the card's loading example names (default: the model's ``name_or_path``).
+    a block × role table with each block's share of the importance and, folded, every point, and ``figure`` (a
+    file in the same repo) when given. ``name``: the repo id or directory the card's loading example names
+    (default: the model's ``name_or_path``). ``license``: the card's license (an SPDX id such as ``apache-2.0``;
+    usually the base model's), recorded as "not recorded" when None.
 
     ``results``: ``{"dataset", "split", "num_images", "full_precision": {"top1"}, "quantized": {"top1",
     "agreement", "kl"}}`` as written by ``lrpqvit evaluate`` (accuracies in %).
@@ -75,6 +100,7 @@ def render_model_card(
         ]
     datasets = sorted({d for d in (_dataset_id(config.dataset), results and _dataset_id(results["dataset"])) if d})
     card_data = ModelCardData(
+        license=license,
         base_model=base_model,
         base_model_relation="quantized" if base_model else None,
         library_name="transformers",
@@ -86,9 +112,36 @@ def render_model_card(
     )
     template = TEMPLATE.read_text(encoding="utf-8")
     base_line = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "A vision transformer"
+    plan, importance = config.bit_plan, config.importance_scores
+    layout = find_family(model).layout(model)
+    numel = {p: math.prod(model.get_submodule(p).weight_shape) for p in layout.weight_points()}
+    weights, activations = collections.Counter(), collections.Counter()
+    for point, bits in plan.items():
+        if bits["w_bits"] is not None:
+            weights[bits["w_bits"]] += 100.0 * numel[point] / sum(numel.values())
+        activations[bits["a_bits"]] += 100.0 / len(plan)
+    roles, rows = bit_plan_grid(plan, layout.block_of)
+    total = sum(importance.values()) if importance else 1.0
+
+    def cell(point: str) -> str:
+        bits = plan[point]
+        return str(bits["w_bits"]) if bits["w_bits"] is not None else f"a{bits['a_bits']}"
+
+    grid = []
+    for label, points in rows:
+        if label.startswith("block"):
+            by_role = {role_of(p): cell(p) for p in points}
+            cells = [by_role.get(role, "") for role in roles]
+        else:  # patch embedding, heads: their own points, named
+            cells = [f"{role_of(p).rsplit('.', 1)[-1]} {cell(p)}" for p in points]
+            cells += [""] * (len(roles) - len(cells))
+        share = f"{100.0 * sum(importance[p] for p in points) / total:.3g} %" if importance else ""
+        grid.append({"label": label, "cells": cells, "share": share})
+    ranks = {p: i + 1 for i, p in enumerate(sorted(importance, key=lambda p: -importance[p]))} if importance else {}
     card = ModelCard.from_template(
         card_data, template_str=template, model_name=name.split("/")[-1], base_model_line=base_line, config=config,
-        summary=summary, results=results, figure=figure, bit_plan=config.bit_plan,
-        importance=config.importance_scores, repo_id=name,
+        summary=summary, results=results, figure=figure, bit_plan=plan, importance=importance, repo_id=name,
+        method_line=_method_line(config), weight_mix=_mix(weights, "weights"),
+        activation_mix=_mix(activations, "quantized points"), roles=roles, grid=grid, ranks=ranks, license=license,
     )
     return str(card)

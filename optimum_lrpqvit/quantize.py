@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -123,6 +124,9 @@ def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig
     treatment = post_ln_treatment(config.post_ln)
     for norm_name, names in layout.post_ln:
         linears: list[QuantLinear] = [model.get_submodule(n) for n in names]
+        for linear in linears:  # the float Linear keeps its weights: quantize() can be undone
+            linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+            linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         ref = linears[0].input_quantizer
         scale, zero_point = treatment.before_reparam(ref.scale, ref.zero_point, config.crl_k)
         r, b, target_scale, target_zero = reparam_factors(scale, zero_point)
@@ -145,6 +149,46 @@ def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConf
         family.logits(model, pixels)
     if post_ln_treatment(config.post_ln).reparameterises:
         _reparameterize_post_ln(model, layout, config)
+
+
+def _check_weights(model: nn.Module) -> None:
+    """Before anything is changed: real float32 weights (calibration statistics and reparameterisation are
+    computed in the weights' dtype; float16 scales would lose the codes' precision)."""
+    params = list(model.parameters())
+    if any(p.is_meta for p in params):
+        raise ValueError("The model's weights are on the meta device (not loaded: init_empty_weights or a meta "
+                         "device_map); load it with its weights before quantizing.")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    if dtypes != ["float32"]:
+        raise TypeError(f"quantize() needs a float32 model, this one has {', '.join(dtypes)} weights: call "
+                        "model.float() first (or load it with dtype=torch.float32).")
+
+
+def _restorer(model: nn.Module, family: Family, layout: Layout) -> Callable[[], None]:
+    """A function that undoes what quantizing ``model`` changes: the swapped modules, the attention routing and
+    matmul points, and the reparameterised LayerNorms (``_reparameterize_post_ln`` rescales copies of the
+    Linear weights, so the original Linears stay as they were)."""
+    modules = {name: model.get_submodule(name) for name in layout.weight_points()}
+    norms = {name: {k: p.detach().clone() for k, p in model.get_submodule(name).named_parameters(recurse=False)}
+             for name, _ in layout.post_ln}
+    training = model.training
+
+    @torch.no_grad()
+    def restore() -> None:
+        family.remove_attention(model, layout)
+        for attn in layout.attentions:
+            module = model.get_submodule(attn)
+            for point in ("matmul1", "matmul2"):
+                if hasattr(module, point):
+                    delattr(module, point)
+        for name, module in modules.items():
+            model.set_submodule(name, module)
+        for name, saved in norms.items():
+            for key, value in model.get_submodule(name).named_parameters(recurse=False):
+                value.copy_(saved[key])
+        model.train(training)
+
+    return restore
 
 
 def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
@@ -170,24 +214,36 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
         raise ValueError("This model is already quantized; load the float model again to re-quantize it.")
     if isinstance(config.importance_scores, (str, os.PathLike)):
         config.importance_scores = read_scores(config.importance_scores)
+    _check_weights(model)
     shape = family.input_shape(model)
     pixels = as_pixel_values(calibration_data, *shape)
     param = next(model.parameters())
     pixels = pixels.to(device=param.device, dtype=param.dtype)
 
-    model.eval()
     layout = family.layout(model)
-    if config.mixed_precision:
-        scored = pixels if importance_data is None else as_pixel_values(importance_data, *shape).to(param.device)
-        config.importance_scores = layer_importance(model, layout, config, scored)
-        plan = mixed_bit_plan(model, layout, config, config.importance_scores)
-    else:
-        plan = BitPlan.fixed(layout, config.w_bits, config.a_bits)
-    prepare_model(model, family, layout, plan, config)
-    calibrate(model, family, layout, config, pixels)
-    pack_weights(model)
-
-    applied = read_bit_plan(model, layout)
+    padded = family.padded_after_norm(model, *pixels.shape[-2:])
+    if padded and post_ln_treatment(config.post_ln).reparameterises:
+        warnings.warn(f"{len(padded)} blocks ({padded[0]}, ...) zero-pad their LayerNorm output to a multiple of "
+                      f"the window for {tuple(pixels.shape[-2:])} images, where post_ln={config.post_ln!r} is not "
+                      "exact (logits typically move by 1-2 %). Use an image size whose feature maps the window "
+                      "divides, or post_ln='channelwise'.", stacklevel=2)
+    importance = None if importance_data is None else as_pixel_values(importance_data, *shape).to(param.device)
+    restore = _restorer(model, family, layout)
+    try:
+        model.eval()
+        if config.mixed_precision:
+            config.importance_scores = layer_importance(model, layout, config,
+                                                        pixels if importance is None else importance)
+            plan = mixed_bit_plan(model, layout, config, config.importance_scores)
+        else:
+            plan = BitPlan.fixed(layout, config.w_bits, config.a_bits)
+        prepare_model(model, family, layout, plan, config)
+        calibrate(model, family, layout, config, pixels)
+        pack_weights(model)
+        applied = read_bit_plan(model, layout)
+    except BaseException:
+        restore()  # a failed (or interrupted) quantization leaves the float model as it was
+        raise
     config.bit_plan = applied.to_dict()
     config.bit_plan_summary = applied.summary(model)
     attach_applied_config(model, config)

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +37,54 @@ from .serialization.digest import content_digest
 __all__ = ["score_importance"]
 
 
-def _load_checkpoint(path: Path, fingerprint: str, points: list[str]) -> tuple[torch.Tensor, int, int] | None:
+def _checksum(sums: torch.Tensor, fingerprint: str, done: int, images: int) -> str:
+    return hashlib.sha256(sums.numpy().tobytes() + f"|{fingerprint}|{done}|{images}".encode()).hexdigest()
+
+
+def _load_checkpoint(path: Path, fingerprint: str, points: list[str],
+                     images_after: Callable[[int], tuple[int, int]]) -> tuple[torch.Tensor, int, int] | None:
+    """(sums, batches done, images) of a checkpoint of this job, or None if there is none; ValueError for one of
+    another job or one whose content does not match its checksum. ``images_after(done)`` bounds the image count
+    after ``done`` batches."""
     if not path.exists():
         return None
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             sums = f.get_tensor("sums")
-    except (SafetensorError, OSError, ValueError) as error:
+        done, images = int(meta["batches_done"]), int(meta["images"])
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise ValueError(f"Scoring checkpoint {path} is unreadable ({error}); delete it to start this "
                          "process's shard again.") from None
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(f"Scoring checkpoint {path} belongs to a different job (other model, data, batch size, "
                          "targets or number of processes). Use another --checkpoint-dir, or delete it to start over.")
-    if sums.shape != (len(points),):
+    if sums.shape != (len(points),) or sums.dtype != torch.float64:
         raise ValueError(f"Scoring checkpoint {path} has {sums.shape} sums for {len(points)} points; delete it.")
-    return sums, int(meta["batches_done"]), int(meta["images"])
+    if meta.get("checksum") != _checksum(sums, fingerprint, done, images):
+        raise ValueError(f"Scoring checkpoint {path} does not match its checksum: it was corrupted or edited. "
+                         "Delete it to score this process's shard again.")
+    low, high = images_after(done)
+    if not (done >= 0 and low <= images <= high):
+        raise ValueError(f"Scoring checkpoint {path} counts {images} images after {done} batches, which this job "
+                         f"cannot have (expected {low}..{high}); delete it.")
+    return sums, done, images
+
+
+def _rows_digest(rows: Mapping[str, Any] | None) -> str:
+    """SHA-256 of a batch's images and labels: part of a job's identity, so that a resumed job is known to read
+    the data it started on (a stream's ``repr`` says nothing about its content)."""
+    h = hashlib.sha256()
+    for image in (rows or {}).get("image", []):
+        if hasattr(image, "tobytes"):  # PIL images, numpy arrays
+            h.update(f"{getattr(image, 'mode', '')}|{getattr(image, 'size', '')}|".encode())
+            h.update(image.tobytes())
+        elif isinstance(image, torch.Tensor):
+            h.update(image.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(image).encode())
+    h.update(repr((rows or {}).get("label")).encode())
+    return h.hexdigest()
 
 
 def _check_destinations(output: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None) -> None:
@@ -114,8 +146,35 @@ def score_importance(
     if use_labels and "label" not in (dataset.column_names or []):
         raise ValueError(f"use_labels=True but the dataset has no 'label' column (columns: {dataset.column_names}).")
 
+    if iterable:  # a stream: each process reads its own part (datasets.distributed), skipping what it did
+        from datasets.distributed import split_dataset_by_node
+
+        part = split_dataset_by_node(dataset, rank=rank, world_size=world) if world > 1 else dataset
+        stream = part.iter(batch_size=batch_size)
+        head = next(stream, None)
+        batches = itertools.chain([] if head is None else [head], stream)
+        total = None
+
+        def images_after(done: int) -> tuple[int, int]:
+            return done, done * batch_size
+    else:
+        n_batches = math.ceil(len(dataset) / batch_size)
+        own = range(rank, n_batches, world)
+        head = dataset[:batch_size]
+        total = len(own)
+
+        def images_after(done: int) -> tuple[int, int]:
+            if done > len(own):
+                return 1, 0  # no count fits
+            exact = sum(min(batch_size, len(dataset) - b * batch_size) for b in own[:done])
+            return exact, exact
+
+    if head is not None and "image" not in head:
+        raise ValueError(f"The importance dataset has no 'image' column (it has {sorted(head)}); rename the column "
+                         "that holds the images: dataset.rename_column(name, 'image').")
     job = dict(model=content_digest(model.state_dict().values())[:16],
-               data=getattr(dataset, "_fingerprint", None) or repr(dataset),
+               data=[getattr(dataset, "_fingerprint", None) or repr(dataset),
+                     None if iterable else len(dataset), _rows_digest(head)],
                batch_size=batch_size, use_labels=use_labels, processes=world, points=points,
                processor=repr(processor.to_dict() if hasattr(processor, "to_dict") else processor))
     fingerprint = hashlib.sha256(json.dumps(job, sort_keys=True, default=str).encode()).hexdigest()
@@ -124,27 +183,22 @@ def score_importance(
     if checkpoint_dir is not None:
         path = Path(checkpoint_dir) / f"rank{rank}-of-{world}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = _load_checkpoint(path, fingerprint, points)
+        state = _load_checkpoint(path, fingerprint, points, images_after)
         if state is not None:
             sums, done, images = state
     resumed_at = done
 
     def save() -> None:
-        meta = {"fingerprint": fingerprint, "batches_done": str(done), "images": str(images)}
+        meta = {"fingerprint": fingerprint, "batches_done": str(done), "images": str(images),
+                "checksum": _checksum(sums, fingerprint, done, images)}
         atomic_write(path, lambda tmp: save_file({"sums": sums}, str(tmp), metadata=meta))
 
-    if iterable:  # a stream: each process reads its own part (datasets.distributed), skipping what it did
-        from datasets.distributed import split_dataset_by_node
-
-        part = split_dataset_by_node(dataset, rank=rank, world_size=world) if world > 1 else dataset
-        batches = itertools.islice(part.iter(batch_size=batch_size), done, None)
-        total = None
+    if iterable:
+        batches = itertools.islice(batches, done, None)
     else:
-        n_batches = math.ceil(len(dataset) / batch_size)
-        own = range(rank, n_batches, world)
         batches = (dataset[b * batch_size:(b + 1) * batch_size] for b in own[done:])
-        total = len(own)
-    bar = tqdm(total=total, initial=done, desc="scoring importance", unit="batch", disable=not (
+    desc = f"scoring importance (resumed after {done} batches)" if done else "scoring importance"
+    bar = tqdm(total=total, initial=done, desc=desc, unit="batch", disable=not (
         progress and accelerator.is_main_process))
     started = time.perf_counter()
     num_classes = None

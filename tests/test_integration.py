@@ -165,7 +165,6 @@ def test_cli_quantize_evaluate_push_and_pull(tmp_path, local_hub, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--w-bits", "9"], "w_bits"),
     (["--dataset", "{tmp}/nowhere"], "nowhere"),
     (["--importance", "{tmp}/none.json"], "lrpqvit score"),
 ])
@@ -205,3 +204,20 @@ def test_push_to_hub_from_python_and_pull_by_repo_id(tmp_path, local_hub, monkey
     card = requests.get(f"{local_hub.url}/tester/vit/resolve/main/README.md", timeout=10).text
     assert "## Bit plan" in card and 'model="tester/vit"' in card
     assert "base_model_relation" not in card  # a model quantized from a local directory has no Hub base
+
+
+def test_the_models_own_push_to_hub_gives_the_quantized_card(tmp_path, local_hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", local_hub.url)
+    model = AutoModelForImageClassification.from_pretrained(
+        models.save_checkpoint(models.hf_vit(), tmp_path / "float"), quantization_config=_config())
+    model.save_pretrained(tmp_path / "packed")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "packed")
+    for source, repo in ((model, "tester/own"), (loaded, "tester/own-reloaded")):
+        source.push_to_hub(repo, token="test-token", commit_message="quantized")
+        card = requests.get(f"{local_hub.url}/{repo}/resolve/main/README.md", timeout=10).text
+        assert "## Bit plan" in card and f'model="{repo}"' in card and "transformers model that has been pushed" \
+            not in card
+    with pytest.raises(TypeError, match="create_pr"):
+        model.push_to_hub("tester/own", create_pr=True)  # transformers' options are not silently dropped

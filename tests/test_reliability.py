@@ -1,13 +1,23 @@
 """Bad input is refused before any work is done, and nothing outside a directory is published."""
 
+import json
 import os
+import shutil
+import sys
 
 import models
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForImageClassification
 
-from optimum_lrpqvit import LRPQConfig, quantize, score_importance
+from optimum_lrpqvit import LRPQConfig, compute_importance, load_quantized, quantize, save_quantized, score_importance
 from optimum_lrpqvit.cli import main as cli_main
+from optimum_lrpqvit.data import load_image_dataset
 from optimum_lrpqvit.hub import push_directory, save_quantized_model
+from optimum_lrpqvit.nn import is_quantized
+from optimum_lrpqvit.scoring import _checksum
 
 RESULTS = {"dataset": "fashion_mnist", "split": "test", "num_images": 4, "full_precision": {"top1": 50.0},
            "quantized": {"top1": 50.0, "agreement": 100.0, "kl": 0.0}}
@@ -65,4 +75,224 @@ def test_cli_quantize_into_a_file_fails_before_quantizing(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     code = cli_main(["quantize", str(tmp_path / "nowhere-model"), str(tmp_path / "file")])
     err = capsys.readouterr().err
-    assert code == 1 and "output_dir" in err and "is not a directory" in err  # before the (missing) model is read
+    assert code == 1 and "OUTPUT_DIR" in err and "is not a directory" in err  # before the (missing) model is read
+
+
+# --------------------------------------------------------------------------------------------- scoring jobs
+
+
+@pytest.fixture(scope="module")
+def images():
+    return load_image_dataset("fashion_mnist", "train", num_samples=16, seed=3)
+
+
+def _score(images, directory, **kwargs):
+    model = models.hf_vit()
+    return score_importance(model, images, models.processor_for(model), batch_size=4, checkpoint_dir=directory,
+                            checkpoint_every=1, progress=False, **kwargs)
+
+
+def _rewrite_checkpoint(path, sums=None, **metadata):
+    with safe_open(str(path), "pt") as f:
+        meta, tensor = f.metadata(), f.get_tensor("sums")
+    save_file({"sums": tensor if sums is None else sums(tensor)}, str(path), metadata={**meta, **metadata})
+
+
+def test_a_scoring_checkpoint_edited_or_corrupted_is_refused(images, tmp_path):
+    _score(images, tmp_path)
+    path = tmp_path / "rank0-of-1.safetensors"
+    original = path.read_bytes()
+    _rewrite_checkpoint(path, sums=lambda t: t + t.abs().min() * 1e-9)  # one score nudged
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        _score(images, tmp_path)
+    path.write_bytes(original)
+    _rewrite_checkpoint(path, batches_done="2")  # a hand-edited counter
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        _score(images, tmp_path)
+    path.write_bytes(original)
+    with safe_open(str(path), "pt") as f:  # a counter edited with its checksum recomputed: impossible counts
+        meta, sums = f.metadata(), f.get_tensor("sums")
+    save_file({"sums": sums}, str(path), metadata={**meta, "images": "15",
+                                                   "checksum": _checksum(sums, meta["fingerprint"], 4, 15)})
+    with pytest.raises(ValueError, match="counts 15 images after 4 batches"):
+        _score(images, tmp_path)
+
+
+def test_a_stream_does_not_resume_from_a_job_on_other_data(images, tmp_path):
+    _score(images.to_iterable_dataset(), tmp_path)
+    other = load_image_dataset("fashion_mnist", "train", num_samples=16, seed=4)
+    assert repr(other.to_iterable_dataset()) == repr(images.to_iterable_dataset())  # what the job was known by
+    with pytest.raises(ValueError, match="different job"):
+        _score(other.to_iterable_dataset(), tmp_path)
+    again = _score(images.to_iterable_dataset(), tmp_path)  # the same stream resumes
+    assert again == _score(images, tmp_path / "map-style")
+
+
+def test_a_dataset_without_an_image_column_is_refused_before_scoring(images):
+    with pytest.raises(ValueError, match="no 'image' column .*rename_column"):
+        _score(images.rename_column("image", "img"), None)
+
+
+def test_importance_under_inference_mode_is_the_same():
+    model, x = models.hf_vit(), models.images(4)
+    expected = compute_importance(model, x)
+    with torch.inference_mode():
+        assert compute_importance(model, x.clone()) == expected  # an inference tensor too
+
+
+# ------------------------------------------------------------------------------------------------ quantize()
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "hf_swin", "timm_vit"])
+def test_a_failed_quantization_leaves_the_model_as_it_was(family, monkeypatch):
+    model = models.FAMILIES[family]()
+    before, x = _state(model), models.images(4)
+    expected = models.logits(model, x)
+
+    def fail(*args):
+        raise RuntimeError("injected failure after reparameterisation")
+
+    monkeypatch.setattr(sys.modules["optimum_lrpqvit.quantize"], "pack_weights", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        quantize(model, LRPQConfig(), x)
+    monkeypatch.undo()
+    assert not is_quantized(model) and model.training is False
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(models.logits(model, x), expected)
+    quantize(model, LRPQConfig(), x)  # a retry works
+    assert is_quantized(model)
+
+
+def test_half_precision_and_meta_models_are_refused_before_any_change():
+    x = models.images(2)
+    for model, error, message in ((models.hf_vit().half(), TypeError, "float16 weights: call model.float"),
+                                  (models.hf_vit().to(torch.bfloat16), TypeError, "bfloat16"),
+                                  (models.hf_vit().to("meta"), ValueError, "meta device")):
+        with pytest.raises(error, match=message):
+            quantize(model, LRPQConfig(), x)
+        assert not is_quantized(model)
+
+
+def test_swin_padding_after_layernorm_warns(recwarn):
+    model = models.hf_swin()  # patch 2, window 2: 16×16 images give 8×8, 4×4, 2×2 maps
+    quantize(models.hf_swin(), LRPQConfig(), models.images(2))
+    assert not [w for w in recwarn if "zero-pad" in str(w.message)]
+    x = torch.randn(2, 3, 20, 12)  # maps 10×6, 5×3, 3×2: the last two stages pad
+    with pytest.warns(UserWarning, match=r"4 blocks \(swin.encoder.layers.1.blocks.0, ...\) zero-pad"):
+        quantize(model, LRPQConfig(), x)
+    assert models.hf_swin().config.window_size == 2
+
+
+# --------------------------------------------------------------------------------------- files read at load
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("packed") / "vit"
+    save_quantized(quantize(models.hf_vit(), LRPQConfig(), models.images(4)), directory)
+    return directory
+
+
+def test_a_path_in_a_stored_config_is_never_followed(packed, tmp_path):
+    directory = tmp_path / "vit"
+    shutil.copytree(packed, directory)
+    (tmp_path / "outside.json").write_text("{}")
+    document = json.loads((directory / "config.json").read_text())
+    document["quantization_config"]["importance_scores"] = "../outside.json"
+    (directory / "config.json").write_text(json.dumps(document))
+    for load in (AutoModelForImageClassification.from_pretrained, load_quantized):
+        with pytest.raises(ValueError, match="not the path '../outside.json'"):
+            load(directory)
+
+
+def _sharded_elsewhere(packed, tmp_path):
+    directory = tmp_path / "model" / "vit"
+    shutil.copytree(packed, directory)
+    (directory / "model.safetensors").rename(tmp_path / "model" / "x.safetensors")
+    with safe_open(str(tmp_path / "model" / "x.safetensors"), "pt") as f:
+        weight_map = {key: "../x.safetensors" for key in f.keys()}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def test_a_shard_index_pointing_outside_the_directory_is_refused(packed, tmp_path):
+    directory = _sharded_elsewhere(packed, tmp_path)
+    with pytest.raises(OSError, match="outside"):
+        load_quantized(directory)
+    with pytest.raises(OSError, match="outside"):
+        AutoModelForImageClassification.from_pretrained(directory)
+
+
+def test_a_stale_shard_index_next_to_the_weights_is_named(packed, tmp_path):
+    directory = tmp_path / "vit"
+    shutil.copytree(packed, directory)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(OSError, match="left from an earlier sharded save; delete it"):
+        load_quantized(directory)
+
+
+def test_quantizing_at_load_never_unpickles_a_float_checkpoint(tmp_path, monkeypatch):
+    model = models.hf_vit()
+    models.save_checkpoint(model, tmp_path / "bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the only weights: a pickle
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(OSError, match=r"pytorch_model.bin.*never loads pickle"):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "bin",
+                                                        quantization_config=LRPQConfig(dataset="fashion_mnist"))
+
+
+def test_quantizing_at_load_takes_the_processor_of_the_subfolder(tmp_path, monkeypatch):
+    model = models.hf_vit()
+    models.save_checkpoint(model, tmp_path / "repo" / "sub")
+    root = models.processor_for(model)
+    root.image_mean = [0.1] * 3  # another normalisation at the repository root
+    root.save_pretrained(tmp_path / "repo")
+    seen = []
+    monkeypatch.setattr("optimum_lrpqvit.integrations.transformers.quantize_from_dataset",
+                        lambda model, config, processor: seen.append(processor) or model)
+    AutoModelForImageClassification.from_pretrained(tmp_path / "repo", subfolder="sub",
+                                                    quantization_config=LRPQConfig(dataset="fashion_mnist"))
+    assert list(seen[0].image_mean) == [0.5] * 3
+
+
+def test_an_applied_config_changed_to_garbage_is_refused_before_saving(tmp_path):
+    model = quantize(models.hf_vit(), LRPQConfig(), models.images(4))
+    model.config.quantization_config.percentiles = [0.1]
+    with pytest.raises(ValueError, match="percentiles"):
+        save_quantized(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+SAVE_TWICE = """
+import sys, torch
+sys.path.insert(0, "tests")
+import models
+from optimum_lrpqvit import LRPQConfig, quantize, save_quantized
+save_quantized(quantize(models.hf_vit(), LRPQConfig(), models.images(4)), sys.argv[1])
+"""
+
+
+def test_saved_files_are_byte_reproducible_and_follow_the_umask(tmp_path):
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for run in ("a", "b"):  # separate processes: safetensors orders its metadata differently in each
+        subprocess.run([sys.executable, "-c", SAVE_TWICE, str(tmp_path / run)], cwd=root, check=True,
+                       capture_output=True)
+    a, b = (tmp_path / "a" / "model.safetensors"), (tmp_path / "b" / "model.safetensors")
+    assert a.read_bytes() == b.read_bytes()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(a).st_mode & 0o777 == 0o666 & ~mask
+    assert load_quantized(tmp_path / "a") is not None  # the rewritten header still loads

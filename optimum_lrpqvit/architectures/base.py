@@ -74,6 +74,11 @@ class Family(abc.ABC):
         """(block, forward) pairs that, installed per instance, route every residual addition through
         ``relevance.residual_add`` (used during importance scoring only)."""
 
+    def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
+        """The blocks that zero-pad a LayerNorm's output for (height, width) inputs, where reparameterisation is
+        not exact (a padded 0 in X' = X / r − b stands for r ⊙ b in X). None in most families."""
+        return []
+
     @abc.abstractmethod
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         """(channels, height, width) the model expects; None where any size is accepted."""

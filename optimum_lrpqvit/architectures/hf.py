@@ -8,6 +8,7 @@ function is registered under ``"lrpqvit"`` and selected per model instance with 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -162,6 +163,20 @@ class _HFSwin(_HFFamily):
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return model.config.num_channels, None, None  # Swin pads any size
+
+    def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
+        # SwinLayer pads its normed input to a multiple of its window (shrunk to the map when the map is smaller);
+        # the feature map is the patch grid, halved (rounded up) by every patch merging
+        config = model.config
+        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+        h, w = math.ceil(height / patch), math.ceil(width / patch)
+        padded = []
+        for i, depth in enumerate(config.depths):
+            window = min(config.window_size, h, w)
+            if h % window or w % window:
+                padded += [f"swin.encoder.layers.{i}.blocks.{j}" for j in range(depth)]
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return padded
 
 
 HF_VIT = _HFViT()

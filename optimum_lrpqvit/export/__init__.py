@@ -6,6 +6,7 @@ Both need the optional extra ``pip install "optimum-lrpqvit[onnx]"`` (``onnx``, 
 when called.
 """
 
-from .onnx import DEFAULT_OPSET, INSTALL_HINT, compare_with_onnxruntime, example_input_shape, export_onnx
+from .onnx import DEFAULT_OPSET, INSTALL_HINT, WEIGHT_CODES, compare_with_onnxruntime, example_input_shape, export_onnx
 
-__all__ = ["DEFAULT_OPSET", "INSTALL_HINT", "compare_with_onnxruntime", "example_input_shape", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "INSTALL_HINT", "WEIGHT_CODES", "compare_with_onnxruntime", "example_input_shape",
+           "export_onnx"]

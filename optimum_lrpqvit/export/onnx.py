@@ -20,15 +20,15 @@ https://onnx.ai/onnx/operators/), so that a runtime with integer kernels (ONNX R
   a scale per input channel lies on the reduction axis of the matmul, where integer kernels take one scale
   (ONNX Runtime's ``MatMulIntegerToFloat`` rejects it); ``crl`` and ``repq`` reparameterise exactly these
   activations to one scale per tensor;
-* quantized weights are stored as uint8 initializers holding the codes q of the packed weight (one code per
-  byte: the TorchScript exporter writes opsets ≤ 20, before ONNX's 4-bit types), with float32 scales and uint8
-  zero points per output channel, feeding ``DequantizeLinear``: a Linear's codes are stored as ``(in, out)``
+* quantized weights are stored as int8 or uint8 initializers holding the codes q of the packed weight (one
+  code per byte: the TorchScript exporter writes opsets ≤ 20, before ONNX's 4-bit types; int8 codes centred
+  as q − 2^(b−1), see ``export_onnx``'s ``weight_codes``), with float32 scales and zero points of the codes'
+  type per output channel, feeding ``DequantizeLinear``: a Linear's codes are stored as ``(in, out)``
   (``axis=1``, the layout of the right operand of ``MatMul``, which integer MatMul kernels take per column),
   the convolution's as ``(out, in, kh, kw)`` (``axis=0``). No float copy of a quantized weight is written;
 * the log-√2 quantized attention probabilities are written as the float operations they are
-  (docs/method.md#quantizers, "Log-√2 quantizer"): an approximate code from ``Log``, corrected by two comparisons
-  with the code boundaries, then the level looked up (``Gather``) — the library's codes and values exactly
-  (see ``_LogSqrt2``).
+  (docs/method.md#quantizers, "Log-√2 quantizer"): the code from ``Log`` and ``Round``, the level from ``Exp``
+  (see ``_LogSqrt2``; a value within float32 rounding of a code boundary may take the neighbouring code).
 
 The export uses torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) with the QDQ
 nodes emitted by the ``symbolic`` methods of private ``torch.autograd.Function`` classes: those are looked up
@@ -60,10 +60,10 @@ from ..architectures import Family, find_family
 from ..nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, packed_weight_tensors
 from ..packing import unpack_codes
 from ..quantize import applied_config
-from ..quantizers import fake_quant_log_sqrt2, log_sqrt2_levels, log_sqrt2_thresholds
+from ..quantizers import fake_quant_log_sqrt2
 
-__all__ = ["DEFAULT_OPSET", "INSTALL_HINT", "MAX_OPSET", "MIN_OPSET", "compare_with_onnxruntime", "export_onnx",
-           "example_input_shape"]
+__all__ = ["DEFAULT_OPSET", "INSTALL_HINT", "MAX_OPSET", "MIN_OPSET", "WEIGHT_CODES", "compare_with_onnxruntime",
+           "example_input_shape", "export_onnx"]
 
 DEFAULT_OPSET = 17
 """Default ONNX opset: the first with ``LayerNormalization`` (per-axis QDQ needs 13)."""
@@ -73,6 +73,7 @@ MAX_OPSET = 20
 INSTALL_HINT = 'pip install "optimum-lrpqvit[onnx]"'
 
 _CODE_MAX = 255  # uint8
+WEIGHT_CODES = ("auto", "int8", "uint8")
 _BUFFER_PREFIX = "_onnx_export_"
 
 
@@ -113,7 +114,7 @@ class _QDQPerTensor(torch.autograd.Function):
 
 
 class _DequantizeWeight(torch.autograd.Function):
-    """w = s · (q − z) from uint8 codes; ONNX: DequantizeLinear(codes, scale, zero_point, axis)."""
+    """w = s · (q − z) from uint8 or int8 codes; ONNX: DequantizeLinear(codes, scale, zero_point, axis)."""
 
     @staticmethod
     def forward(ctx: object, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -128,16 +129,17 @@ class _DequantizeWeight(torch.autograd.Function):
 
 
 class _LogSqrt2(torch.autograd.Function):
-    """Log-√2 fake quantization with exactly the library's codes (``quantizers.fake_quant_log_sqrt2``)::
+    """Log-√2 fake quantization (``quantizers.fake_quant_log_sqrt2``) as the float operations it is::
 
-        q₀ = Clip(Round(Log(x) · (−2 / ln 2) + 2·log2 Δ), 0, 2^b)     (x = 0: Log = −inf → q₀ = 2^b)
-        q  = q₀ + [x < T[q₀]] − [x ≥ T[q₀ − 1]]                          (T[−1] = +∞, T[2^b] = −∞)
-        x̂  = L[q]
+        q  = Clip(Round(Log(x) · (−2 / ln 2) + 2·log2 Δ), 0, 2^b)        (x = 0: Log = −inf → q = 2^b)
+        x̂  = Exp(q · (−ln 2 / 2) + ln Δ) · Clip(2^b − q, 0, 1)           (the zero code 2^b gives 0)
 
-    q₀ is ``round(−2·log2(x/Δ))`` up to the last bits of ``Log``, so at most one code off, next to a boundary;
-    the two comparisons with the float32 boundaries T (``quantizers.log_sqrt2_thresholds``) make it the exact
-    count #{k : x < T_k}, and the Gather from the levels L (``quantizers.log_sqrt2_levels``, 0 for the zero code)
-    gives the library's values bit for bit.
+    Eleven element-wise passes over the largest tensor of the network, none of them a Gather or a comparison
+    (ONNX Runtime's per-element Gather and boolean kernels cost 3–4× a float pass at this size). ``Log`` and
+    ``Exp`` round differently from the library's float64-derived boundaries and levels
+    (``quantizers.log_sqrt2_thresholds``, ``log_sqrt2_levels``): a probability within float32 rounding of a
+    boundary may take the neighbouring code (13 of 7.45 million softmax values at 8 bits, none at 4:
+    ``benchmarks/log_sqrt2_onnx.py``), and the levels are within 1.5e-6 relative of the library's.
     """
 
     @staticmethod
@@ -149,16 +151,11 @@ class _LogSqrt2(torch.autograd.Function):
         def f32(value: float) -> object:
             return _const(g, torch.tensor(value, dtype=torch.float32))
 
-        delta_t = torch.tensor(delta, dtype=torch.float32)
-        inf = torch.tensor([math.inf])
-        bounds = torch.cat([inf, log_sqrt2_thresholds(delta_t, bits), -inf])  # T[k] at index k + 1
-        approx = g.op("Add", g.op("Mul", g.op("Log", x), f32(-2.0 / math.log(2.0))), f32(2.0 * math.log2(delta)))
-        q0 = g.op("Cast", g.op("Clip", g.op("Round", approx), f32(0.0), f32(float(2**bits))), to_i=7)  # int64
-        bounds = _const(g, bounds)
-        above = g.op("Less", x, g.op("Gather", bounds, g.op("Add", q0, _const(g, torch.tensor(1)))))
-        below = g.op("GreaterOrEqual", x, g.op("Gather", bounds, q0))
-        q = g.op("Sub", g.op("Add", q0, g.op("Cast", above, to_i=7)), g.op("Cast", below, to_i=7))
-        return g.op("Gather", _const(g, log_sqrt2_levels(delta_t, bits)), q)
+        zero, top = f32(0.0), f32(float(2**bits))
+        code = g.op("Add", g.op("Mul", g.op("Log", x), f32(-2.0 / math.log(2.0))), f32(2.0 * math.log2(delta)))
+        code = g.op("Clip", g.op("Round", code), zero, top)
+        level = g.op("Exp", g.op("Add", g.op("Mul", code, f32(-math.log(2.0) / 2.0)), f32(math.log(delta))))
+        return g.op("Mul", level, g.op("Clip", g.op("Sub", top, code), zero, f32(1.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,9 +210,15 @@ def _tensor_plan(name: str, quantizer: UniformQuantizer) -> _TensorQDQ:
     return _TensorQDQ(s, z + c, low, high, clip=top + c < _CODE_MAX or c > 0)
 
 
-def _weight_codes(name: str, module: QuantLinear | QuantConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(uint8 codes (out, ...), float32 scale (out,), uint8 zero point (out,)) of a quantized weight, codes shifted
-    per channel where the zero point needs it; ValueError if the weight is not quantized or not on its grid."""
+def _weight_codes(name: str, module: QuantLinear | QuantConv2d,
+                  weight_codes: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes (out, ...), float32 scale (out,), zero point (out,)) of a quantized weight; ValueError if the
+    weight is not quantized or not on its grid.
+
+    int8 codes are q − 2^(b−1) with zero point z − 2^(b−1) (same values, codes centred on 0), written where
+    ``weight_codes`` asks for them ("int8"; "auto": at b ≤ 7 bits, where |codes| ≤ 64 keeps the pairwise int16
+    sums of x86 u8·s8 kernels without VNNI from saturating); otherwise uint8 codes, shifted per channel where
+    the zero point needs it."""
     bits, shape = module.weight_quantizer.bits, module.weight_shape
     if module.weight_is_packed:
         packed, scale, zero_point = module.weight_packed, module.weight_scale, module.weight_zero_point
@@ -226,6 +229,15 @@ def _weight_codes(name: str, module: QuantLinear | QuantConv2d) -> tuple[torch.T
                          "optimum_lrpqvit.quantize() or load_quantized().")
     scale, zero_point = scale.detach().float().cpu(), zero_point.detach().float().cpu()
     codes = unpack_codes(packed.detach().cpu(), bits, (shape[0], math.prod(shape[1:]))).float()
+    centre = 2 ** (bits - 1)
+    fits_int8 = bool(((zero_point - centre >= -128) & (zero_point - centre <= 127)).all())
+    if weight_codes == "int8" or (weight_codes == "auto" and bits <= 7 and fits_int8):
+        if not fits_int8:
+            raise ValueError(f"{name}: a weight zero point ({zero_point.min().item():g} to "
+                             f"{zero_point.max().item():g}) cannot be written as int8 at {bits} bits; export with "
+                             "weight_codes='uint8' or 'auto'.")
+        return ((codes - centre).to(torch.int8).reshape(shape), scale.clone(),
+                (zero_point - centre).to(torch.int8))
     shift = _shift(f"{name} (weight)", zero_point, bits)
     codes = (codes + shift[:, None]).to(torch.uint8).reshape(shape)
     return codes, scale.clone(), (zero_point + shift).to(torch.uint8)
@@ -305,7 +317,7 @@ class _Patched:
             module.__dict__.pop(name, None)
 
 
-def _plan_and_patch(model: nn.Module, patched: _Patched) -> None:
+def _plan_and_patch(model: nn.Module, patched: _Patched, weight_codes: str) -> None:
     """Check every point, then install the export forwards (ValueError before any module is changed)."""
     quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer))]
     weights = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
@@ -333,7 +345,7 @@ def _plan_and_patch(model: nn.Module, patched: _Patched) -> None:
                              "activations: quantize with post_ln='crl' (default), 'repq' or 'layerwise'.")
         else:
             plans[id(q)] = _tensor_plan(name, q)
-    codes = {id(m): _weight_codes(n, m) for n, m in weights}
+    codes = {id(m): _weight_codes(n, m, weight_codes) for n, m in weights}
 
     # nothing below raises on user input
     device = next(model.parameters()).device
@@ -447,7 +459,7 @@ def _finalize(file: Path, config: object) -> None:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None = None,
-                batch_size: int = 1) -> Path:
+                batch_size: int = 1, weight_codes: str = "auto") -> Path:
     """Export a quantized model to ONNX as a QDQ graph with this library's integer codes; returns the path.
 
     Args:
@@ -458,6 +470,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None 
             in that directory and renamed at the end, so a failed export leaves nothing behind.
         opset: the ONNX opset, ``MIN_OPSET`` (13) to ``MAX_OPSET`` (20); default ``DEFAULT_OPSET`` (17).
         batch_size: the batch size of the example input traced (the batch dimension of the graph is dynamic).
+        weight_codes: the type of the weight codes: ``"auto"`` (default: int8 for weights of at most 7 bits,
+            uint8 for 8-bit weights), ``"int8"`` or ``"uint8"``. The values are the same; the kernels differ.
+            ONNX Runtime's u8·s8 integer GEMM is 2–4× faster than its u8·u8 one on x86, but on CPUs without
+            VNNI it sums pairs of products in int16, which 8-bit weights can saturate (its documentation's
+            "saturation issue"); "auto" keeps every graph exact on every CPU, ``"int8"`` is the fastest on CPUs
+            with VNNI (AVX512-VNNI, AVX-VNNI) and on ARM.
 
     The graph has one input ``pixel_values`` ``(batch, C, H, W)`` float32 (H, W as the model's config) and one
     output ``logits`` ``(batch, num_labels)``. Quantized points become QDQ as described in the module docstring
@@ -479,6 +497,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None 
         raise ValueError(f"opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if weight_codes not in WEIGHT_CODES:
+        raise ValueError(f"weight_codes must be one of {WEIGHT_CODES}, got {weight_codes!r}.")
     path = _check_destination(path)
     family = find_family(model)
     config = applied_config(model)  # ValueError naming quantize() for an unquantized model
@@ -494,7 +514,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None 
     patched = _Patched()
     was_training = model.training
     try:
-        _plan_and_patch(model, patched)
+        _plan_and_patch(model, patched, weight_codes)
         model.eval()
         with _temporary_file(path) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and TorchScript-exporter deprecation warnings

@@ -11,7 +11,10 @@ carries its applied config in ``model.config.quantization_config`` together with
 
 ``from_pretrained(float_checkpoint, quantization_config=LRPQConfig(dataset=..., ...))`` loads the float weights,
 then the after-loading hook draws the calibration (and importance) images the config names, preprocesses them
-with the checkpoint's own image processor and runs ``quantize`` (``jobs.quantize_from_dataset``).
+with the checkpoint's own image processor (the one next to the weights, ``subfolder=`` included) and runs
+``quantize`` (``jobs.quantize_from_dataset``). Only safetensors weight files inside the model's directory are
+accepted, float checkpoints included. A quantized model's ``push_to_hub`` (after quantizing or loading) is
+``hub.push_to_hub``, so that it uploads this library's model card.
 
 Written against the quantizer lifecycle of transformers 5.x (tested with 5.24): ``preprocess_model`` passes
 ``checkpoint_files`` to ``_process_model_before_weight_loading`` on a meta-device model.
@@ -19,6 +22,8 @@ Written against the quantizer lifecycle of transformers 5.x (tested with 5.24): 
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 from torch import nn
@@ -26,11 +31,12 @@ from transformers import AutoImageProcessor
 from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 
+from .. import hub
 from ..architectures import is_transformers_model
 from ..config import QUANT_METHOD, LRPQConfig
 from ..jobs import quantize_from_dataset
 from ..quantize import register_attach_hook
-from ..serialization.format import packed_state_dict
+from ..serialization.format import RESAVE, packed_state_dict
 from ..serialization.loading import finish_packed_loading, prepare_packed_loading
 from ..serialization.reading import canonical_tensors, read_checkpoint, stored_bit_plan
 from ..serialization.saving import record_bit_plan
@@ -59,6 +65,9 @@ class LRPQHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files: list[str] | None = None,
                                              **kwargs: Any):
+        if checkpoint_files:
+            _check_weight_files(checkpoint_files, model.name_or_path)
+            self._subfolder = _subfolder(checkpoint_files[0], model.name_or_path)
         if not self.pre_quantized:
             return model  # float weights load as usual; quantized after loading
         if not checkpoint_files:
@@ -74,8 +83,10 @@ class LRPQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
             finish_packed_loading(model, getattr(self, "_source", "checkpoint"))
+            _install_push_to_hub(model)
             return model
-        processor = AutoImageProcessor.from_pretrained(model.name_or_path)
+        # the processor next to the weights: from_pretrained(..., subfolder=) does not tell the quantizer
+        processor = AutoImageProcessor.from_pretrained(model.name_or_path, subfolder=getattr(self, "_subfolder", ""))
         # quantize() attaches the applied config and a pre-quantized quantizer, so save_pretrained writes packed
         return quantize_from_dataset(model, self.quantization_config, processor)
 
@@ -89,6 +100,38 @@ class LRPQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _subfolder(weight_file: str, name_or_path: str) -> str:
+    """The folder of ``weight_file`` relative to the model's root: the local directory ``name_or_path``, or the
+    snapshot directory of the Hub cache (``.../snapshots/<revision>/``)."""
+    folder = os.path.dirname(os.path.abspath(weight_file))
+    if os.path.isdir(name_or_path):
+        root = os.path.abspath(name_or_path)
+    else:
+        parts = folder.split(os.sep)
+        if "snapshots" not in parts:
+            return ""
+        at = len(parts) - 1 - parts[::-1].index("snapshots")
+        root = os.sep.join(parts[:at + 2])
+    relative = os.path.relpath(folder, root)
+    return "" if relative == "." else relative.replace(os.sep, "/")
+
+
+def _check_weight_files(files: list[str], name_or_path: str) -> None:
+    """OSError unless the weight files are safetensors (pickle is never read, float checkpoints included) and
+    lie in one directory, inside ``name_or_path`` when that is a local directory (a shard index naming
+    ``../x.safetensors`` must not make the loader read files elsewhere)."""
+    pickled = [f for f in files if not os.fspath(f).endswith(".safetensors")]
+    if pickled:
+        raise OSError(f"{name_or_path} has weights in {[os.path.basename(f) for f in pickled]}, not safetensors: "
+                      "optimum-lrpqvit never loads pickle files. Load them once with a tool you trust, save the model "
+                      "with save_pretrained (which writes safetensors) and load that directory.")
+    folders = {os.path.dirname(os.path.abspath(f)) for f in files}
+    root = os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else None
+    if len(folders) > 1 or (root is not None and os.path.commonpath([root, *folders]) != root):
+        raise OSError(f"The shard index of {name_or_path} names weight files outside its directory ({files[:3]}); "
+                      f"optimum-lrpqvit never reads a file elsewhere. {RESAVE}.")
 
 
 def _register(mapping: dict, decorator, cls: type) -> None:
@@ -111,7 +154,15 @@ def attach_to_transformers_model(model: nn.Module, config: LRPQConfig) -> bool:
         return False
     model.config.quantization_config = config
     model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)
+    _install_push_to_hub(model)
     return True
+
+
+def _install_push_to_hub(model: nn.Module) -> None:
+    """``model.push_to_hub(repo_id, ...)`` of this instance becomes ``hub.push_to_hub(model, repo_id, ...)``:
+    the same upload and model card as ``lrpqvit push`` (transformers' own writes a generic card). Arguments
+    that only transformers' method takes raise TypeError rather than being ignored."""
+    model.push_to_hub = functools.partial(hub.push_to_hub, model)
 
 
 def register() -> None:

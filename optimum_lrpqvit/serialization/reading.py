@@ -149,6 +149,15 @@ def weight_files(directory: str) -> list[str]:
                 names = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise OSError(f"{index} is not a valid shard index ({e}); {RESAVE}.") from e
+        outside = [n for n in names if not isinstance(n, str) or os.path.basename(n) != n or n in ("", ".", "..")]
+        if outside:
+            raise OSError(f"{index} names shards outside {directory} ({outside[:3]}): shards are files of the model's "
+                          f"own directory; optimum-lrpqvit never reads a file elsewhere. {RESAVE}.")
+        missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            stale = (f" and {WEIGHTS_NAME} exists next to it: the index is left from an earlier sharded save; delete "
+                     "it" if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)) else f"; {RESAVE}")
+            raise OSError(f"{index} lists shards that do not exist ({missing[:3]}){stale}.")
         return [os.path.join(directory, name) for name in names]
     if os.path.isfile(os.path.join(directory, WEIGHTS_NAME)):
         return [os.path.join(directory, WEIGHTS_NAME)]

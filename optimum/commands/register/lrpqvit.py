@@ -1,5 +1,5 @@
 """Registers ``optimum-cli lrpqvit ...`` (the ``lrpqvit`` command line) with optimum's CLI."""
 
-from optimum_lrpqvit.cli import LRPQVitOptimumCommand
+from optimum_lrpqvit_cli import LRPQVitOptimumCommand
 
 REGISTER_COMMANDS = [LRPQVitOptimumCommand]
