@@ -296,3 +296,48 @@ def test_saved_files_are_byte_reproducible_and_follow_the_umask(tmp_path):
     os.umask(mask)
     assert os.stat(a).st_mode & 0o777 == 0o666 & ~mask
     assert load_quantized(tmp_path / "a") is not None  # the rewritten header still loads
+
+
+# ---------------------------------------------------------------------------------------- timm ViT variants
+
+
+def _timm_vit(**kwargs):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                             **kwargs).eval()
+
+
+def _refused_variants():
+    from functools import partial
+
+    from timm.layers import GluMlp, RmsNorm, SwiGLU
+    from timm.models.vision_transformer import ResPostBlock
+
+    return [({"block_fn": ResPostBlock}, "ResPostBlock"), ({"global_pool": "map"}, "attention-pool head"),
+            ({"norm_layer": RmsNorm}, "RmsNorm normalisation"), ({"mlp_layer": SwiGLU}, "SwiGLU MLP"),
+            ({"mlp_layer": partial(GluMlp, gate_last=False)}, "GluMlp MLP")]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_timm_vit_variants_it_would_quantize_wrongly_are_refused_untouched(index):
+    kwargs, message = _refused_variants()[index]
+    model = _timm_vit(**kwargs)
+    before, x = _state(model), models.images(4)
+    with pytest.raises(TypeError, match=message):
+        quantize(model, LRPQConfig(w_bits=8, a_bits=8), x)
+    assert not is_quantized(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kwargs", [{"init_values": 1e-5}, {"reg_tokens": 2}, {"qk_norm": True},
+                                    {"scale_mlp_norm": True}, {"scale_attn_norm": True},
+                                    {"global_pool": "avg", "fc_norm": True}])
+def test_timm_vit_variants_it_handles_stay_close_to_float_at_w8a8(kwargs):
+    model = _timm_vit(**kwargs)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    expected = models.logits(model, x)
+    quantize(model, LRPQConfig(w_bits=8, a_bits=8), x)
+    got = models.logits(model, x)
+    assert float((got - expected).norm() / expected.norm()) < 0.05

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..relevance import residual_add
@@ -39,6 +39,34 @@ def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
     return residual_add(x, self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
 
+def _check_structure(model: VisionTransformer) -> None:
+    """TypeError, before anything is changed, for the timm ViT variants this adapter would quantize wrongly or
+    partly: blocks other than the pre-norm ``Block`` (``ResPostBlock`` normalises after the residual branch, so its
+    LayerNorms do not feed the Linears; parallel blocks), norms other than ``LayerNorm`` (RmsNorm has no bias to
+    fold the reparameterisation into), MLPs other than ``Mlp`` (SwiGLU, GLU), gated or non-standard attention,
+    and attention-pool heads (``global_pool="map"``: their Linear layers are not quantized points)."""
+    if getattr(model, "attn_pool", None) is not None:
+        raise TypeError(f"timm VisionTransformer with global_pool={model.global_pool!r} (an attention-pool head) is "
+                        "not supported: its Linear layers would stay float. Supported: global_pool 'token', 'avg', "
+                        "'max', 'avgmax' or ''.")
+    for i, blk in enumerate(model.blocks):
+        problem = None
+        if type(blk) is not Block:
+            problem = f"a {type(blk).__name__} (only the pre-norm timm `Block` is supported)"
+        elif type(blk.attn) is not Attention or blk.attn.gate is not None:
+            problem = f"{type(blk.attn).__name__} attention (only the standard timm `Attention`, without gating)"
+        elif type(blk.mlp) is not Mlp:
+            problem = f"a {type(blk.mlp).__name__} MLP (only timm `Mlp` with fc1/fc2 is supported)"
+        else:
+            norms = [n for n in (blk.norm1, blk.norm2) if not isinstance(n, nn.LayerNorm) or n.bias is None]
+            if norms:
+                problem = (f"{type(norms[0]).__name__} normalisation (reparameterisation folds into a LayerNorm "
+                           "with weight and bias)")
+        if problem is not None:
+            raise TypeError(f"timm block {i} is {problem}; nothing was changed. This timm ViT variant is not "
+                            "supported yet.")
+
+
 class _TimmViT(TimmFamily):
     name = "timm VisionTransformer (ViT/DeiT)"
     attention_forward = _attention_forward
@@ -47,12 +75,9 @@ class _TimmViT(TimmFamily):
         return isinstance(model, VisionTransformer)
 
     def layout(self, model: nn.Module) -> Layout:
+        _check_structure(model)
         layout = Layout([], [], "patch_embed.proj", [], {"patch_embed.proj": -1})
-        for i, blk in enumerate(model.blocks):
-            attn = getattr(blk, "attn", None)
-            if type(attn) is not Attention or attn.gate is not None:
-                raise TypeError(f"timm block {i} uses {type(attn).__name__}; only the standard timm `Attention` "
-                                "(without gating) is supported.")
+        for i in range(len(model.blocks)):
             block_points(f"blocks.{i}", i, layout)
         for head in ("head", "head_dist"):
             if isinstance(getattr(model, head, None), nn.Linear):
