@@ -88,6 +88,14 @@ def _data_args(parser: argparse.ArgumentParser, split: str, samples_help: str | 
     parser.add_argument("--batch-size", type=POSITIVE, default=32, help=batch_help)
 
 
+def _knn_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--knn-split", default="train",
+                        help="for models without a classifier: split of --dataset whose embeddings the k-NN "
+                             "classifier votes with (default: %(default)s)")
+    parser.add_argument("--knn-samples", type=POSITIVE, default=1000,
+                        help="for models without a classifier: labelled k-NN index images (default: %(default)s)")
+
+
 def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POST_LN_TREATMENTS,
                  allocation: tuple[str, ...] = ALLOCATION_RULES,
                  importance: tuple[str, ...] = IMPORTANCE_CRITERIA) -> None:
@@ -124,6 +132,7 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
                    help="evaluate full precision and quantized on --eval-split and put the results in the card")
     q.add_argument("--eval-split", default="test", help="evaluation split of --dataset (default: %(default)s)")
     q.add_argument("--num-eval-samples", type=POSITIVE, default=None, help="evaluation images (default: all)")
+    _knn_args(q)
     q.add_argument("--base-model", default=None,
                    help="Hub id of the float model for the card (default: MODEL when it is a Hub id, else the Hub "
                         "id recorded in its config.json, if any)")
@@ -145,11 +154,14 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
 
     e = sub.add_parser("evaluate", help="top-1 accuracy, and agreement and KL against a reference model",
                        description="Evaluate a (quantized or float) model on a dataset split; with --reference, "
-                                   "also top-1 agreement with it and KL(reference ‖ model).")
+                                   "also top-1 agreement with it and KL(reference ‖ model). A model without a "
+                                   "classifier (Dinov2Model, CLIP/SigLIP vision towers, MAE encoders) is evaluated "
+                                   "on its embeddings: k-NN top-1 and, with --reference, their cosine similarity.")
     e.add_argument("model", help="model to evaluate: Hub id or local directory")
     e.add_argument("--reference", default=None, help="full-precision model to compare with")
     _data_args(e, "test", "images to evaluate (default: the whole split)", "images per batch (default: %(default)s)")
     e.add_argument("--output", default=None, help="also write the results as JSON")
+    _knn_args(e)
 
     p = sub.add_parser("push", help="upload a quantized model directory to the Hub",
                        description="Create the repository if needed and upload the directory written by "

@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
 from optimum_lrpqvit import LRPQConfig, applied_config, quantize
-from optimum_lrpqvit.data import load_fashion_mnist, preprocess
+from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
 from optimum_lrpqvit.evaluation import fidelity, predict_logits
 from optimum_lrpqvit.outliers import channel_range_ratio, inject_outlier_channels
 
@@ -72,7 +72,7 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
 
     for model_dir in model_dirs:
         base = AutoModelForImageClassification.from_pretrained(model_dir).eval()
-        processor = AutoImageProcessor.from_pretrained(model_dir)
+        processor = load_image_processor(model_dir)
         pixels, labels = preprocess(data["test"].select(range(num_eval)), processor)
         weights = hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()[:16]
         for variant in variants:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
 from optimum_lrpqvit import compute_importance
 from optimum_lrpqvit.architectures import find_family
-from optimum_lrpqvit.data import load_image_dataset, preprocess
+from optimum_lrpqvit.data import load_image_dataset, load_image_processor, preprocess
 from optimum_lrpqvit.evaluation import predict_logits
 from optimum_lrpqvit.importance import fisher_importance, relative_importance
 from optimum_lrpqvit.quantizers import fake_quant_weight
@@ -71,7 +71,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"importance_vs_sensitivity_{Path(args.model).name}.json"
     model = AutoModelForImageClassification.from_pretrained(args.model).eval()
     layout = find_family(model).layout(model)
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    processor = load_image_processor(args.model)
     importance_pixels, _ = preprocess(load_image_dataset("fashion_mnist", "train", num_samples=args.num_importance),
                                       processor)
     if args.from_json:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import optimum_lrpqvit_cli as launcher
 
+from .architectures import find_family, transformers_class
 from .config import LRPQConfig
-from .data import load_image_dataset, preprocess
-from .evaluation import fidelity, predict_logits
+from .data import load_image_dataset, load_image_processor, preprocess
+from .evaluation import embedding_fidelity, fidelity, predict_logits
 from .export import compare_with_onnxruntime, example_input_shape, export_onnx
 from .hub import push_directory, save_quantized_model
 from .jobs import load_float_model, quantize_from_dataset
@@ -49,12 +49,37 @@ def _load_dataset(args: argparse.Namespace, split: str, num_samples: int | None)
 
 def _print_table(rows: list[tuple[str, dict]], title: str) -> None:
     print(title)
+    if "knn_top1" in rows[0][1]:
+        print("| model | k-NN top-1 (%) | cosine to FP (mean) | cosine to FP (min) |")
+        print("|---|---|---|---|")
+        for label, r in rows:
+            print(f"| {label} | {r['knn_top1']:.2f} | {r.get('cosine', 1.0):.4f} | {r.get('cosine_min', 1.0):.4f} |")
+        return
     print("| model | top-1 (%) | agreement with FP (%) | KL(FP ‖ q) |")
     print("|---|---|---|---|")
     for label, r in rows:
         agreement = f"{r['agreement']:.2f}" if "agreement" in r else "100.00"
         kl = f"{r['kl']:.4f}" if "kl" in r else "0"
         print(f"| {label} | {r['top1']:.2f} | {agreement} | {kl} |")
+
+
+def _index_images(args: argparse.Namespace, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labelled images whose embeddings a k-NN classifier votes with (models without a classifier)."""
+    pixels, labels = preprocess(_load_dataset(args, args.knn_split, args.knn_samples), processor)
+    if labels is None:
+        raise SystemExit(f"error: {args.dataset} ({args.knn_split}) has no label column for the k-NN index.")
+    return pixels, labels
+
+
+def _measure(model, pixels: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, desc: str,
+             reference: torch.Tensor | None = None, index: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(outputs, fidelity) of ``model``: its logits with ``fidelity``, or for a model without a classifier its
+    embeddings with ``embedding_fidelity`` on the k-NN ``index`` images (pixels, labels)."""
+    outputs = predict_logits(model, pixels, batch_size=args.batch_size, desc=desc)
+    if find_family(model).is_classifier(model):
+        return outputs, fidelity(outputs, labels, reference)
+    index_embeddings = predict_logits(model, index[0], batch_size=args.batch_size, desc=f"{desc} (k-NN index)")
+    return outputs, embedding_fidelity(outputs, labels, (index_embeddings, index[1]), reference)
 
 
 def _hub_id(name: object) -> str | None:
@@ -102,10 +127,11 @@ def quantize_command(args: argparse.Namespace) -> int:
     output = Path(args.output_dir)
     _progress(f"loading {args.model}")
     model, processor = load_float_model(args.model)
-    if args.evaluate:  # before quantizing (in place): the full-precision logits
+    if args.evaluate:  # before quantizing (in place): the full-precision outputs
         test = _load_dataset(args, args.eval_split, args.num_eval_samples)
         pixels, labels = preprocess(test, processor)
-        fp_logits = predict_logits(model, pixels, batch_size=args.batch_size, desc="full precision")
+        index = None if find_family(model).is_classifier(model) else _index_images(args, processor)
+        fp_outputs, fp_results = _measure(model, pixels, labels, args, "full precision", index=index)
     what = (f"LRP importance on {args.num_importance_samples or args.num_calibration_samples} images, then "
             if config.measures_importance else "")
     _progress(f"quantizing: {what}calibration on {args.num_calibration_samples} {args.dataset} images")
@@ -122,9 +148,9 @@ def quantize_command(args: argparse.Namespace) -> int:
     print(f"bit plan: avg weight bits {summary['avg_w_bits']}, avg activation bits {summary['avg_a_bits']}, "
           f"{summary['size_mb']} MB; quantization took {seconds:.1f} s\nquantized model written to {output}")
     if args.evaluate:
-        q_logits = predict_logits(model, pixels, batch_size=args.batch_size, desc="quantized")
+        q_results = _measure(model, pixels, labels, args, "quantized", fp_outputs, index)[1]
         results = {"dataset": args.dataset, "split": args.eval_split, "num_images": len(labels),
-                   "full_precision": fidelity(fp_logits, labels), "quantized": fidelity(q_logits, labels, fp_logits)}
+                   "full_precision": fp_results, "quantized": q_results}
         label = f"W{args.w_bits}/A{args.a_bits} {args.post_ln}" + (
             f" {applied.importance} mixed ({applied.allocation})" if applied.mixed_precision else "")
         _print_table([("full precision", results["full_precision"]), (label, results["quantized"])],
@@ -155,23 +181,23 @@ def score_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
-    model = AutoModelForImageClassification.from_pretrained(args.model, use_safetensors=True).eval()
-    processor = AutoImageProcessor.from_pretrained(args.model)
+    model = transformers_class(args.model).from_pretrained(args.model, use_safetensors=True).eval()
+    processor = load_image_processor(args.model)
     pixels, labels = preprocess(_load_dataset(args, args.split, args.num_samples), processor)
     if labels is None:
         raise SystemExit(f"error: {args.dataset} ({args.split}) has no label column to evaluate against.")
-    logits = predict_logits(model, pixels, batch_size=args.batch_size, desc=Path(args.model).name)
+    index = None if find_family(model).is_classifier(model) else _index_images(args, processor)
     rows, results = [], {"model": args.model, "dataset": args.dataset, "split": args.split, "num_images": len(labels)}
+    ref_outputs = None
     if args.reference is not None:
-        reference = AutoModelForImageClassification.from_pretrained(args.reference, use_safetensors=True).eval()
-        ref_logits = predict_logits(reference, pixels, batch_size=args.batch_size, desc=Path(args.reference).name)
-        results["reference"] = {"model": args.reference, **fidelity(ref_logits, labels)}
+        reference = transformers_class(args.reference).from_pretrained(args.reference, use_safetensors=True).eval()
+        ref_outputs, ref_results = _measure(reference, pixels, labels, args, Path(args.reference).name, index=index)
+        results["reference"] = {"model": args.reference, **ref_results}
         rows.append((f"{args.reference} (reference)", results["reference"]))
-        results["model_results"] = fidelity(logits, labels, ref_logits)
-    else:
-        results["model_results"] = fidelity(logits, labels)
+    results["model_results"] = _measure(model, pixels, labels, args, Path(args.model).name, ref_outputs, index)[1]
     rows.append((args.model, results["model_results"]))
-    _print_table(rows, f"{len(labels)} {args.dataset} {args.split} images")
+    _print_table(rows, f"{len(labels)} {args.dataset} {args.split} images"
+                 + ("" if index is None else f", k-NN (k=20) over {len(index[1])} {args.knn_split} images"))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0

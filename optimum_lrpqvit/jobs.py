@@ -9,22 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import find_family
+from .architectures import find_family, transformers_class
 from .config import LRPQConfig
-from .data import images_to_pixel_values, load_image_dataset
+from .data import images_to_pixel_values, load_image_dataset, load_image_processor
 from .quantize import quantize
 
 __all__ = ["dataset_pixel_values", "load_float_model", "quantize_from_dataset"]
 
 
 def load_float_model(name_or_path: str | os.PathLike, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """A float image classifier and its image processor from a Hub id or a local directory (safetensors
-    only); timm checkpoints load through ``TimmWrapperForImageClassification``."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    model = AutoModelForImageClassification.from_pretrained(name_or_path, use_safetensors=True, **kwargs).eval()
+    """A float model and its image processor from a Hub id or a local directory (safetensors only), as the class
+    its ``config.json`` names where a family supports it (a bare encoder such as ``Dinov2Model`` stays one), else
+    through ``AutoModelForImageClassification`` (timm checkpoints: ``TimmWrapperForImageClassification``)."""
+    model_class = transformers_class(name_or_path, **kwargs)
+    model = model_class.from_pretrained(name_or_path, use_safetensors=True, **kwargs).eval()
     find_family(model)  # TypeError naming the supported families before any data is read
-    return model, AutoImageProcessor.from_pretrained(name_or_path)
+    return model, load_image_processor(name_or_path)
 
 
 def dataset_pixel_values(

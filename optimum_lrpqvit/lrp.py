@@ -115,18 +115,34 @@ def relevance_and_gradients(
     model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None
 ) -> tuple[Layout, relevance.Recorder]:
     """One forward and the two backward passes; the recorder holds, per point, the gradient
-    (``captured["grad"]``) and the relevance (``captured["relevance"]``) of the target logit at its output."""
+    (``captured["grad"]``) and the relevance (``captured["relevance"]``) of the target at its output.
+
+    The target of a classifier is the logit of ``targets`` (default: the predicted class), seeded with gradient 1
+    and relevance 1. A model without a classifier is scored on its embedding e's projection on its own direction,
+    s = e·ê with ê = e/‖e‖ held constant: gradient seed ê, relevance seed e ⊙ ê / ‖e‖ (≥ 0, summing to 1).
+    """
     # the backward passes need autograd even under a caller's torch.inference_mode(); its tensors are cloned
     with torch.inference_mode(False), torch.enable_grad(), scoring(model) as (family, layout, recorder):
-        logits = family.logits(model, pixel_values.clone())
-        if targets is None:
-            targets = logits.argmax(-1)
-        seed = F.one_hot(targets.to(logits.device), logits.shape[-1]).to(logits.dtype)
+        outputs = family.logits(model, pixel_values.clone())
+        if family.is_classifier(model):
+            if targets is None:
+                targets = outputs.argmax(-1)
+            grad_seed = relevance_seed = F.one_hot(targets.to(outputs.device), outputs.shape[-1]).to(outputs.dtype)
+        else:
+            if targets is not None:
+                raise ValueError(_NO_CLASSES.format(type(model).__name__))
+            embedding = outputs.detach()
+            grad_seed = F.normalize(embedding, dim=-1)
+            relevance_seed = embedding * grad_seed / embedding.norm(dim=-1, keepdim=True).clamp_min(relevance.EPS)
         recorder.mode = "grad"
-        torch.autograd.grad(logits, recorder.roots, seed, retain_graph=True)
+        torch.autograd.grad(outputs, recorder.roots, grad_seed, retain_graph=True)
         recorder.mode = "relevance"
-        torch.autograd.grad(logits, recorder.roots, seed)
+        torch.autograd.grad(outputs, recorder.roots, relevance_seed)
     return layout, recorder
+
+
+_NO_CLASSES = ("{} has no classifier: it is scored on its image embedding (the projection on its own direction), "
+               "so there are no classes to target; pass no targets / labels.")
 
 
 def image_contributions(
@@ -180,7 +196,8 @@ def compute_importance(
 ) -> dict[str, float]:
     """Relative LRP importance ``{point name: I_l}`` of every quantized point, summing to 1.
 
-    ``data`` as for ``quantize()``; ``targets`` are labels, or None for each image's predicted class.
+    ``data`` as for ``quantize()``; ``targets`` are labels, or None for each image's predicted class (for a model
+    without a classifier: None, see ``relevance_and_gradients``).
     Batches of ``batch_size`` images; a batch gives exactly the per-image results (to float rounding). A
     progress bar (tqdm, on stderr) counts the batches when there is more than one and ``progress`` is set.
     """
@@ -190,9 +207,13 @@ def compute_importance(
     pixels = as_pixel_values(data, *family.input_shape(model))
     scored = float32_model(model)
     device = next(scored.parameters()).device
-    with torch.no_grad():
-        num_classes = family.logits(scored, pixels[:1].to(device)).shape[-1]
-    labels = check_targets(targets, len(pixels), num_classes)
+    if targets is not None and not family.is_classifier(model):
+        raise ValueError(_NO_CLASSES.format(type(model).__name__))
+    labels = None
+    if targets is not None:
+        with torch.no_grad():
+            num_classes = family.logits(scored, pixels[:1].to(device)).shape[-1]
+        labels = check_targets(targets, len(pixels), num_classes)
     sums: dict[str, float] = {}
     starts = range(0, len(pixels), batch_size)
     for start in tqdm(starts, desc="LRP importance", unit="batch", leave=False,

@@ -27,6 +27,8 @@ def _dataset_id(name: str | None) -> str | None:
 
 _RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.top1", "quantized.top1", "quantized.agreement",
                 "quantized.kl")
+_ENCODER_RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.knn_top1", "quantized.knn_top1",
+                        "quantized.cosine", "quantized.cosine_min")
 
 
 def _check_results(results: object) -> None:
@@ -39,11 +41,13 @@ def _check_results(results: object) -> None:
             node = node[part]
         return True
 
-    missing = [k for k in _RESULT_KEYS if not has(k)]
+    keys = _ENCODER_RESULT_KEYS if has("quantized.knn_top1") else _RESULT_KEYS
+    missing = [k for k in keys if not has(k)]
     if missing:
         raise ValueError(f"results lacks {missing}: it must be the dict `lrpqvit evaluate --output` writes, "
                          "{'dataset', 'split', 'num_images', 'full_precision': {'top1'}, 'quantized': {'top1', "
-                         "'agreement', 'kl'}}.")
+                         "'agreement', 'kl'}} (a model without a classifier: 'knn_top1' for 'top1', 'cosine' and "
+                         "'cosine_min' for 'agreement' and 'kl').")
 
 
 def _mix(counts: Mapping[int, float], unit: str) -> str:
@@ -79,24 +83,26 @@ def render_model_card(
     usually the base model's), recorded as "not recorded" when None.
 
     ``results``: ``{"dataset", "split", "num_images", "full_precision": {"top1"}, "quantized": {"top1",
-    "agreement", "kl"}}`` as written by ``lrpqvit evaluate`` (accuracies in %).
+    "agreement", "kl"}}`` as written by ``lrpqvit evaluate`` (accuracies in %); for a model without a classifier
+    ``"knn_top1"`` in place of ``"top1"`` and ``"cosine"``, ``"cosine_min"`` in place of the agreement and KL.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     config = applied_config(model)
     summary = config.bit_plan_summary
     name = str(name or getattr(model, "name_or_path", None) or type(model).__name__)
+    classifier = find_family(model).is_classifier(model)
+    task = "image-classification" if classifier else "image-feature-extraction"
     eval_results = None
     if results is not None:
         _check_results(results)
-        common = dict(task_type="image-classification", dataset_type=_dataset_id(results["dataset"]),
-                      dataset_name=results["dataset"], dataset_split=results["split"], metric_type="accuracy")
+        common = dict(task_type=task, dataset_type=_dataset_id(results["dataset"]), dataset_name=results["dataset"],
+                      dataset_split=results["split"], metric_type="accuracy")
+        key, metric = ("top1", "top-1 accuracy") if "top1" in results["quantized"] else ("knn_top1", "k-NN top-1")
         eval_results = [
-            EvalResult(metric_name="top-1 accuracy, full precision",
-                       metric_value=round(results["full_precision"]["top1"], 2),
+            EvalResult(metric_name=f"{metric}, full precision", metric_value=round(results["full_precision"][key], 2),
                        **common),
-            EvalResult(metric_name="top-1 accuracy, quantized", metric_value=round(results["quantized"]["top1"], 2),
-                       **common),
+            EvalResult(metric_name=f"{metric}, quantized", metric_value=round(results["quantized"][key], 2), **common),
         ]
     datasets = sorted({d for d in (_dataset_id(config.dataset), results and _dataset_id(results["dataset"])) if d})
     card_data = ModelCardData(
@@ -104,7 +110,7 @@ def render_model_card(
         base_model=base_model,
         base_model_relation="quantized" if base_model else None,
         library_name="transformers",
-        pipeline_tag="image-classification",
+        pipeline_tag=task,
         tags=["optimum-lrpqvit", "lrpqvit", "quantized", f"{round(summary['avg_w_bits'])}-bit", "vision-transformer"],
         datasets=datasets or None,
         model_name=name.split("/")[-1],
@@ -143,5 +149,6 @@ def render_model_card(
         summary=summary, results=results, figure=figure, bit_plan=plan, importance=importance, repo_id=name,
         method_line=_method_line(config), weight_mix=_mix(weights, "weights"),
         activation_mix=_mix(activations, "quantized points"), roles=roles, grid=grid, ranks=ranks, license=license,
+        task=task,
     )
     return str(card)

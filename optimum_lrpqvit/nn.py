@@ -214,13 +214,20 @@ class _WeightQuantMixin:
         if not self.weight_folded:
             self.fold_weight()
         packed, scale, zero_point = packed_weight_tensors(self.weight, self.weight_quantizer, name)
-        dtype, device = self.weight.dtype, self.weight.device
+        placeholder = weight_placeholder(self.weight)
         del self.weight
-        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("weight", placeholder, persistent=False)
         self.register_buffer("weight_packed", packed)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero_point)
         self.weight_quantizer._non_persistent_buffers_set.update(("scale", "zero_point"))
+
+
+def weight_placeholder(weight: torch.Tensor) -> torch.Tensor:
+    """What a packed module keeps as ``weight``: no elements, but the float weight's dtype, device, rank and input
+    dimensions (shape (0, in, ...)), so that code reading ``.weight`` works, transformers' weight init (which
+    computes a fan-in) included."""
+    return torch.empty((0, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
 
 
 def dequantize_packed_weight(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,

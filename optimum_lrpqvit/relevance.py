@@ -128,7 +128,8 @@ class _Linear(torch.autograd.Function):
 
 class _MatMul(torch.autograd.Function):
     """Z = A·B: each operand receives half of R, shared in proportion to |a_ik b_kj| (the |z|-rule):
-    R_A = ½ |A| ⊙ (S·|B|ᵀ), R_B = ½ |B| ⊙ (|A|ᵀ·S), S = R / (|A|·|B|). Exactly conservative.
+    R_A = ½ |A| ⊙ (S·|B|ᵀ), R_B = ½ |B| ⊙ (|A|ᵀ·S), S = R / (|A|·|B|). Exactly conservative. An operand without
+    gradient (a constant, e.g. the learned query of an attention-pooling head) gets no share and the other all of R.
 
     Chefer et al. share in proportion to the signed terms a_ik b_kj / Z_ij instead; with signed q, k and v
     that ratio is unbounded where terms cancel, and on Swin models it amplified float32 rounding noise of
@@ -149,8 +150,12 @@ class _MatMul(torch.autograd.Function):
         if ctx.recorder.mode == "grad":
             return signal @ b.transpose(-2, -1), a.transpose(-2, -1) @ signal, None
         a, b = a.abs(), b.abs()
-        s = signal / torch.matmul(a, b).add_(EPS).mul_(2)  # the ½ of each operand's share, folded in
-        return (s @ b.transpose(-2, -1)).mul_(a), (a.transpose(-2, -1) @ s).mul_(b), None
+        # each operand's ½, folded in; an operand that is a constant (a learned probe query) passes its half on
+        both = ctx.needs_input_grad[0] and ctx.needs_input_grad[1]
+        s = signal / torch.matmul(a, b).add_(EPS).mul_(2 if both else 1)
+        r_a = (s @ b.transpose(-2, -1)).mul_(a) if ctx.needs_input_grad[0] else None
+        r_b = (a.transpose(-2, -1) @ s).mul_(b) if ctx.needs_input_grad[1] else None
+        return r_a, r_b, None
 
 
 class _PassThrough(torch.autograd.Function):

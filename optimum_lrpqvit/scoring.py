@@ -137,6 +137,9 @@ def score_importance(
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     family = find_family(model)
+    if use_labels and not family.is_classifier(model):
+        raise ValueError(f"use_labels=True but {type(model).__name__} has no classifier: it is scored on its image "
+                         "embedding, with no classes to target.")
     model = float32_model(model).eval().to(accelerator.device)
     points = family.layout(model).points()
     channels = family.input_shape(model)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import timm
 import torch
+import transformers
 from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 from transformers import (
@@ -105,7 +106,118 @@ def wrapped_timm_swin(seed: int = 0) -> nn.Module:
     return _wrapped("swin_tiny_patch4_window7_224", args, seed)
 
 
-FAMILIES = {
+_ENCODER = dict(image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=64)
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _built(model_class: str, config: transformers.PretrainedConfig, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return _spread(getattr(transformers, model_class)(config), seed)
+
+
+def hf_dinov2(seed: int = 0) -> nn.Module:
+    """Dinov2 classifier: layer scale, [CLS] and mean patch token into the head."""
+    config = transformers.Dinov2Config(**_ENCODER, **_NO_DROPOUT, num_labels=NUM_LABELS)
+    return _built("Dinov2ForImageClassification", config, seed)
+
+
+def hf_dinov2_registers(seed: int = 0) -> nn.Module:
+    """Dinov2 with four register tokens, no classifier: scored on its pooled embedding."""
+    config = transformers.Dinov2WithRegistersConfig(**_ENCODER, **_NO_DROPOUT, num_register_tokens=4)
+    return _built("Dinov2WithRegistersModel", config, seed)
+
+
+def hf_vit_msn(seed: int = 0) -> nn.Module:
+    return _built("ViTMSNForImageClassification",
+                  transformers.ViTMSNConfig(**_ENCODER, **_NO_DROPOUT, num_labels=NUM_LABELS), seed)
+
+
+def hf_vit_mae(seed: int = 0) -> nn.Module:
+    """The MAE encoder on all patches (mask_ratio 0), no classifier."""
+    return _built("ViTMAEModel", transformers.ViTMAEConfig(**_ENCODER, **_NO_DROPOUT, mask_ratio=0.0), seed)
+
+
+def hf_beit(seed: int = 0) -> nn.Module:
+    """BEiT classifier: relative position bias per layer, layer-scale parameters, mean pooling."""
+    config = transformers.BeitConfig(**_ENCODER, **_NO_DROPOUT, num_labels=NUM_LABELS,
+                                     use_relative_position_bias=True, layer_scale_init_value=0.1)
+    return _built("BeitForImageClassification", config, seed)
+
+
+def hf_data2vec_vision(seed: int = 0) -> nn.Module:
+    """Data2VecVision classifier (BEiT's layout before AttentionInterface): relative position bias, layer scale."""
+    config = transformers.Data2VecVisionConfig(**_ENCODER, **_NO_DROPOUT, num_labels=NUM_LABELS,
+                                               use_relative_position_bias=True, layer_scale_init_value=0.1)
+    return _built("Data2VecVisionForImageClassification", config, seed)
+
+
+def _clip_vision(**kwargs) -> transformers.CLIPVisionConfig:
+    return transformers.CLIPVisionConfig(**_ENCODER, projection_dim=8, **kwargs)
+
+
+def _tower_config(name: str, **kwargs) -> transformers.PretrainedConfig:
+    vision = {**_ENCODER}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
+                bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    if name == "clip":
+        return transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=8, **kwargs)
+    return transformers.SiglipConfig(vision_config=vision, text_config=text, **kwargs)
+
+
+def hf_clip_vision(seed: int = 0) -> nn.Module:
+    """CLIP vision tower with its projection: pre-LayerNorm, QuickGELU, bias-free patch embedding."""
+    return _built("CLIPVisionModelWithProjection", _clip_vision(), seed)
+
+
+def hf_clip_classifier(seed: int = 0) -> nn.Module:
+    return _built("CLIPForImageClassification", _tower_config("clip", num_labels=NUM_LABELS), seed)
+
+
+def hf_clip_model(seed: int = 0) -> nn.Module:
+    """The two-tower CLIPModel: its vision tower and projection are quantized, the text tower stays float."""
+    return _built("CLIPModel", _tower_config("clip"), seed)
+
+
+def hf_siglip_vision(seed: int = 0) -> nn.Module:
+    """SigLIP vision tower with its attention-pooling head (kept float)."""
+    return _built("SiglipVisionModel", transformers.SiglipVisionConfig(**_ENCODER), seed)
+
+
+def hf_siglip_classifier(seed: int = 0) -> nn.Module:
+    return _built("SiglipForImageClassification", _tower_config("siglip", num_labels=NUM_LABELS), seed)
+
+
+def stays_float(name: str) -> bool:
+    """Whether the module ``name`` is one the library keeps float by design: a two-tower model's text tower,
+    SigLIP's attention-pooling head and Swinv2's position-bias MLP."""
+    return name.startswith(("text_model", "text_projection")) or any(
+        part in f".{name}." for part in (".head.attention.", ".head.mlp.", ".continuous_position_bias_mlp."))
+
+
+_SWINV2 = dict(image_size=IMAGE_SIZE, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+               window_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def hf_swinv2(seed: int = 0) -> nn.Module:
+    """Swinv2 classifier: post-norm blocks, cosine attention, shifted windows, one patch merging."""
+    return _built("Swinv2ForImageClassification", transformers.Swinv2Config(**_SWINV2, num_labels=NUM_LABELS), seed)
+
+
+def hf_swinv2_model(seed: int = 0) -> nn.Module:
+    return _built("Swinv2Model", transformers.Swinv2Config(**_SWINV2), seed)
+
+
+EMBEDDERS = {
+    "hf_dinov2_registers": hf_dinov2_registers,
+    "hf_vit_mae": hf_vit_mae,
+    "hf_clip_vision": hf_clip_vision,
+    "hf_clip_model": hf_clip_model,
+    "hf_siglip_vision": hf_siglip_vision,
+    "hf_swinv2_model": hf_swinv2_model,
+}
+
+CLASSIFIERS = {
     "hf_vit": hf_vit,
     "hf_deit": hf_deit,
     "hf_deit_teacher": hf_deit_teacher,
@@ -115,7 +227,16 @@ FAMILIES = {
     "timm_swin": timm_swin,
     "wrapped_timm_vit": wrapped_timm_vit,
     "wrapped_timm_swin": wrapped_timm_swin,
+    "hf_dinov2": hf_dinov2,
+    "hf_vit_msn": hf_vit_msn,
+    "hf_beit": hf_beit,
+    "hf_data2vec_vision": hf_data2vec_vision,
+    "hf_clip_classifier": hf_clip_classifier,
+    "hf_siglip_classifier": hf_siglip_classifier,
+    "hf_swinv2": hf_swinv2,
 }
+
+FAMILIES = {**CLASSIFIERS, **EMBEDDERS}
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -123,12 +244,21 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits through each family's own call signature."""
+    """Logits through each family's own call signature; a model without a classifier gives its image embedding."""
     with torch.no_grad():
         if isinstance(model, (timm.models.vision_transformer.VisionTransformer,
                               timm.models.swin_transformer.SwinTransformer)):
             return model(x)
-        return model(pixel_values=x).logits
+        if isinstance(model, (transformers.CLIPModel, transformers.SiglipModel)):
+            return model.get_image_features(pixel_values=x).pooler_output
+        if isinstance(model, transformers.ViTMAEModel):  # all patches, in order
+            noise = torch.arange(model.embeddings.patch_embeddings.num_patches).expand(len(x), -1)
+            return model(pixel_values=x, noise=noise).last_hidden_state[:, 0]
+        out = model(pixel_values=x)
+        for key in ("logits", "image_embeds", "pooler_output"):
+            if getattr(out, key, None) is not None:
+                return out[key]
+        return out.last_hidden_state[:, 0]
 
 
 def processor_for(model: nn.Module):

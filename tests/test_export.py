@@ -18,8 +18,10 @@ from optimum_lrpqvit.nn import weight_modules
 # Largest |ORT − PyTorch| logit difference allowed. The codes are the library's, so outputs differ by float32
 # rounding only, except where an activation lies within the runtime's own rounding (its LayerNorm, Softmax, GELU
 # and integer-GEMM scaling) of a code boundary and takes the neighbouring code: on these inputs that happens in
-# 1-3 of 16 images of the tiny Swins at W8/A8, moving logits of order 1 by up to 0.07.
-TOLERANCE = {"hf_swin": 0.15, "timm_swin": 0.15, "wrapped_timm_swin": 0.15}
+# 1-3 of 16 images of the tiny Swins (v1 and v2) at W8/A8, moving logits of order 1 by up to 0.07, and in 1 of 16 of the tiny
+# CLIP towers (0.013).
+TOLERANCE = {"hf_swin": 0.15, "timm_swin": 0.15, "wrapped_timm_swin": 0.15, "hf_swinv2": 0.15, "hf_swinv2_model": 0.15,
+             "hf_clip_vision": 0.05, "hf_clip_classifier": 0.05}
 
 
 def _quantized(family, **config):
@@ -32,8 +34,18 @@ def _run(path, x):
     return session.run(None, {"pixel_values": x.numpy()})[0]
 
 
+NOT_EXPORTABLE = ("hf_dinov2", "hf_dinov2_registers")  # position embeddings interpolated (bicubic, antialiased)
+
+
+@pytest.mark.parametrize("family", NOT_EXPORTABLE)
+def test_a_family_the_exporter_cannot_trace_is_refused_before_writing(family, tmp_path):
+    with pytest.raises(ValueError, match="no operator for"):
+        export_onnx(_quantized(family, w_bits=8, a_bits=8), tmp_path / "model.onnx")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(models.FAMILIES) - set(NOT_EXPORTABLE)))
 def test_onnxruntime_gives_the_quantized_models_predictions(family, bits, tmp_path):
     model = _quantized(family, w_bits=bits, a_bits=bits)
     path = export_onnx(model, tmp_path / "model.onnx")

@@ -45,6 +45,8 @@ def _quantized(family: str, **config) -> torch.nn.Module:
 def _reload(family: str, directory):
     if family in RAW_TIMM:  # raw timm: loaded into a float model of the same architecture (other random weights)
         return load_quantized(directory, model=models.FAMILIES[family](seed=7))
+    if family in models.EMBEDDERS:  # rebuilt as the class config.json names, not as a classifier
+        return load_quantized(directory)
     return AutoModelForImageClassification.from_pretrained(directory)
 
 

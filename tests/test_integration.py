@@ -13,12 +13,16 @@ import yaml
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 from optimum_lrpqvit import LRPQConfig, LRPQuantizer, applied_config, cli, load_quantized, quantize
+from optimum_lrpqvit.architectures import transformers_class
 from optimum_lrpqvit.data import load_fashion_mnist
 from optimum_lrpqvit.jobs import dataset_pixel_values
 
 LOADABLE = {"hf_vit": models.hf_vit, "hf_deit": models.hf_deit, "hf_deit_teacher": models.hf_deit_teacher,
             "hf_swin": models.hf_swin, "wrapped_timm_vit": models.wrapped_timm_vit_16,
-            "wrapped_timm_swin": models.wrapped_timm_swin_16}
+            "wrapped_timm_swin": models.wrapped_timm_swin_16,
+            **{name: models.FAMILIES[name] for name in ("hf_dinov2", "hf_vit_msn", "hf_beit", "hf_data2vec_vision",
+                                                        "hf_clip_classifier", "hf_siglip_classifier", "hf_swinv2",
+                                                        *models.EMBEDDERS)}}
 
 
 def _config(**kwargs):
@@ -36,9 +40,10 @@ def float_dir(request, tmp_path_factory):
 
 def test_from_pretrained_quantizes_at_load_like_quantize(float_dir, tmp_path):
     config = _config(mixed_precision=True, allocation="budget", num_importance_samples=8)  # 2 blocks: no paper rule
-    loaded = AutoModelForImageClassification.from_pretrained(float_dir, quantization_config=config)
+    model_class = transformers_class(float_dir)  # Auto* for classifiers, the encoder's own class for encoders
+    loaded = model_class.from_pretrained(float_dir, quantization_config=config)
     # the same job by hand: float model, the config's images through the model's processor, quantize()
-    reference = AutoModelForImageClassification.from_pretrained(float_dir)
+    reference = model_class.from_pretrained(float_dir)
     processor = AutoImageProcessor.from_pretrained(float_dir)
     calibration, importance = dataset_pixel_values(config, processor, reference)
     assert calibration.shape[0] == 8 and importance.shape[0] == 8
@@ -49,13 +54,13 @@ def test_from_pretrained_quantizes_at_load_like_quantize(float_dir, tmp_path):
     assert applied.bit_plan == applied_config(reference).bit_plan and applied.dataset == "fashion_mnist"
 
     loaded.save_pretrained(tmp_path / "q")
-    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "q")
+    reloaded = model_class.from_pretrained(tmp_path / "q")
     torch.testing.assert_close(models.logits(reloaded, x), models.logits(loaded, x), rtol=0, atol=0)
 
 
 def test_quantizing_at_load_needs_a_dataset(float_dir):
     with pytest.raises(ValueError, match="dataset="):
-        AutoModelForImageClassification.from_pretrained(float_dir, quantization_config=LRPQConfig())
+        transformers_class(float_dir).from_pretrained(float_dir, quantization_config=LRPQConfig())
 
 
 def test_pipeline_with_fresh_and_reloaded_models(tmp_path):
@@ -162,6 +167,29 @@ def test_cli_quantize_evaluate_push_and_pull(tmp_path, local_hub, capsys):
     assert out.returncode == 0, out.stderr
     local = load_quantized(q)
     torch.testing.assert_close(torch.load(tmp_path / "pulled.pt"), models.logits(local, x), rtol=0, atol=0)
+
+
+def test_cli_quantizes_and_evaluates_an_encoder_on_its_embeddings(tmp_path, capsys):
+    float_dir = models.save_checkpoint(models.hf_clip_vision(), tmp_path / "float")
+    q = tmp_path / "q"
+    knn = ["--knn-samples", "128"]
+    assert cli.main(["quantize", float_dir, str(q), "--mixed-precision", "--allocation", "budget",
+                     "--num-calibration-samples", "8", "--evaluate", "--num-eval-samples", "64", *knn]) == 0
+    out = capsys.readouterr().out
+    assert "| model | k-NN top-1 (%) | cosine to FP (mean) | cosine to FP (min) |" in out
+    results = json.loads((q / "results.json").read_text())
+    assert 0 < results["quantized"]["cosine_min"] <= results["quantized"]["cosine"] < 1
+    assert 10 < results["quantized"]["knn_top1"] <= 100  # 10 classes: above chance even with random weights
+    card = (q / "README.md").read_text()
+    assert "pipeline_tag: image-feature-extraction" in card and "k-NN top-1" in card
+    assert cli.main(["evaluate", str(q), "--reference", float_dir, "--num-samples", "64", *knn,
+                     "--output", str(tmp_path / "eval.json")]) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["model_results"] == pytest.approx(results["quantized"])
+    assert evaluation["reference"]["knn_top1"] == pytest.approx(results["full_precision"]["knn_top1"])
+    capsys.readouterr()
+    assert cli.main(["score", float_dir, "--num-samples", "4", "--use-labels", "--output", str(tmp_path / "s")]) == 1
+    assert "has no classifier" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,9 +11,20 @@ from transformers.models.swin.modeling_swin import SwinLayer
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from optimum_lrpqvit import relevance
+from optimum_lrpqvit.architectures.hf_encoders import (
+    HF_BEIT,
+    HF_CLIP,
+    HF_DATA2VEC_VISION,
+    HF_DINOV2,
+    HF_SIGLIP,
+    HF_VIT_ENCODERS,
+)
+from optimum_lrpqvit.architectures.hf_swinv2 import HF_SWINV2
 from optimum_lrpqvit.lrp import compute_importance, image_contributions, relevance_and_gradients
 
-BLOCKS = (ViTLayer, DeiTLayer, SwinLayer, Block, SwinTransformerBlock)
+HF_ENCODER_LAYERS = [c for f in (HF_BEIT, HF_CLIP, HF_DATA2VEC_VISION, HF_DINOV2, HF_SIGLIP, HF_SWINV2, HF_VIT_ENCODERS)
+                     for c in f.layer_classes]
+BLOCKS = (ViTLayer, DeiTLayer, SwinLayer, Block, SwinTransformerBlock, *HF_ENCODER_LAYERS)
 
 
 def _block_relevance(model, x, targets=None):
@@ -53,14 +64,15 @@ def test_relevance_is_conserved_per_sample_through_every_block(family):
     torch.testing.assert_close(totals[-1][1], torch.ones(3), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["hf_vit", "hf_deit_teacher", "hf_swin", "timm_vit", "timm_swin"])
+@pytest.mark.parametrize("family", ["hf_vit", "hf_deit_teacher", "hf_swin", "timm_vit", "timm_swin", "hf_dinov2",
+                                    "hf_beit", "hf_siglip_vision", "hf_clip_model", "hf_vit_mae", "hf_swinv2"])
 def test_a_batch_gives_exactly_the_single_image_results(family):
     model = models.FAMILIES[family]()
     x = models.images(4, seed=2)
-    targets = torch.tensor([0, 3, 1, 4])
+    targets = None if family in models.EMBEDDERS else torch.tensor([0, 3, 1, 4])
     batched = image_contributions(model, x, targets)
     for i in range(4):
-        single = image_contributions(model, x[i:i + 1], targets[i:i + 1])
+        single = image_contributions(model, x[i:i + 1], None if targets is None else targets[i:i + 1])
         for point, c in batched.items():
             torch.testing.assert_close(c[i:i + 1], single[point], rtol=1e-4, atol=1e-9)
 
@@ -307,3 +319,14 @@ def test_importance_figure_is_written(tmp_path, importance):
         warnings.simplefilter("error")
         plot_importance(config.importance_scores, config.bit_plan, layout.block_of, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_a_model_without_classifier_is_scored_on_its_embedding_and_refuses_targets():
+    model = models.hf_dinov2_registers()
+    x = models.images(3, seed=5)
+    embedding = models.logits(model, x)
+    with pytest.raises(ValueError, match="has no classifier"):
+        compute_importance(model, x, targets=[0, 1, 2])
+    scores = compute_importance(model, x)
+    assert sum(scores.values()) == pytest.approx(1.0)
+    assert torch.equal(models.logits(model, x), embedding)

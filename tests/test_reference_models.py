@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from optimum_lrpqvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist_arrays
+from optimum_lrpqvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist_arrays, load_image_processor
 
 ROOT = Path(__file__).resolve().parents[1] / "reference_models"
 NAMES = ["vit-fashion-mnist", "deit-fashion-mnist", "swin-fashion-mnist", "timm-vit-fashion-mnist"]
@@ -33,7 +33,7 @@ def test_reference_model_loads_and_classifies_grayscale_images(name, test_images
     assert (directory / "model.safetensors").stat().st_size <= 12 * 2**20
     assert json.loads((directory / "training_log.json").read_text())["test_top1"] >= 0.85
     model = AutoModelForImageClassification.from_pretrained(directory).eval()
-    processor = AutoImageProcessor.from_pretrained(directory)
+    processor = load_image_processor(directory)
     gray = [Image.fromarray(image, mode="L") for image in images]
     pixel_values = processor(gray, return_tensors="pt")["pixel_values"]
     assert pixel_values.shape[:2] == (len(gray), 3)
@@ -43,7 +43,8 @@ def test_reference_model_loads_and_classifies_grayscale_images(name, test_images
     with torch.no_grad():
         predictions = model(pixel_values=pixel_values).logits.argmax(-1)
     assert (predictions == labels).float().mean() >= 0.8
-    classify = pipeline("image-classification", model=str(directory), device="cpu")
+    # transformers ≥ 5.25 reads a local timm checkpoint's processor from config.json: hand pipeline() the right one
+    classify = pipeline("image-classification", model=str(directory), image_processor=processor, device="cpu")
     assert [r[0]["label"] for r in classify(gray[:4])] == [model.config.id2label[int(i)] for i in predictions[:4]]
 
 

@@ -67,7 +67,12 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The model's classification logits, through its own call signature."""
+        """The model's classification logits, through its own call signature; for a model without a classifier
+        (``is_classifier`` False) its image embedding, (batch, features)."""
+
+    def is_classifier(self, model: nn.Module) -> bool:
+        """Whether ``logits`` gives class logits (else an image embedding)."""
+        return True
 
     @abc.abstractmethod
     def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
@@ -78,6 +83,10 @@ class Family(abc.ABC):
         """The blocks that zero-pad a LayerNorm's output for (height, width) inputs, where reparameterisation is
         not exact (a padded 0 in X' = X / r − b stands for r ⊙ b in X). None in most families."""
         return []
+
+    def export_problem(self, model: nn.Module) -> str | None:
+        """Why ``model`` cannot be exported to ONNX, or None where it can."""
+        return None
 
     @abc.abstractmethod
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:

@@ -1,15 +1,20 @@
-"""Adapters for Hugging Face ViT, DeiT (with and without the distillation head) and Swin classifiers.
+"""Adapters for Hugging Face ViT, DeiT (with and without the distillation head) and Swin classifiers, and the
+machinery the other transformers encoder adapters (``hf_encoders``) share.
 
-The three share their block layout in transformers ≥ 5.9 (``layernorm_before`` → ``attention.{q,k,v}_proj``,
-``attention.o_proj``, ``layernorm_after`` → ``mlp.fc1``, ``mlp.fc2``; Swin adds ``downsample.norm`` →
-``downsample.reduction``). Attention is intercepted through transformers' ``AttentionInterface``: the
-function is registered under ``"lrpqvit"`` and selected per model instance with ``set_attn_implementation``.
+The pre-norm encoder layer of transformers ≥ 5.9 is ``norm_before`` → ``attention.{q,k,v}_proj``,
+``attention.{o_proj|out_proj}``, ``norm_after`` → ``mlp.fc1``, ``mlp.fc2``, optionally with layer scales after the
+two branches; ``BlockNames`` says where one family keeps these parts (ViT/DeiT/Swin: ``layernorm_before``,
+``layernorm_after``; Swin adds ``downsample.norm`` → ``downsample.reduction``). Attention is intercepted through
+transformers' ``AttentionInterface``: the function is registered under ``"lrpqvit"`` and selected per model instance
+with ``set_attn_implementation``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,10 +30,11 @@ from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging, window_partition, window_reverse
 from transformers.models.vit.modeling_vit import ViTLayer
 
-from ..relevance import residual_add
+from ..relevance import pass_through, residual_add
 from .base import Family, Layout, quantized_attention
 
-__all__ = ["ATTN_IMPLEMENTATION", "HF_SWIN", "HF_VIT", "is_transformers_model"]
+__all__ = ["ATTN_IMPLEMENTATION", "BlockNames", "HF_SWIN", "HF_VIT", "HFFamily", "check_modules",
+           "is_transformers_model", "pre_norm_layer_forward"]
 
 ATTN_IMPLEMENTATION = "lrpqvit"
 _PREVIOUS_ATTN = "_lrpqvit_previous_attn_implementation"
@@ -60,11 +66,38 @@ def lrpqvit_attention(
 AttentionInterface.register(ATTN_IMPLEMENTATION, lrpqvit_attention)
 
 
-def _vit_layer_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-    """``ViTLayer``/``DeiTLayer.forward`` with relevance-conserving residual additions."""
-    attention, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
-    hidden_states = residual_add(self.dropout(attention), hidden_states)
-    return residual_add(self.dropout(self.mlp(self.layernorm_after(hidden_states))), hidden_states)
+@dataclass(frozen=True)
+class BlockNames:
+    """Where a pre-norm encoder layer keeps its parts, as submodule paths relative to the layer. ``attention`` holds
+    the two quantized matmuls (and is the module the layer calls, as ``mlp`` is); ``scales`` are the layer-scale
+    modules after the attention and MLP branches, None where there are none."""
+
+    norm_before: str = "layernorm_before"
+    attention: str = "attention"
+    qkv: tuple[str, str, str] = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    out_proj: str = "attention.o_proj"
+    norm_after: str = "layernorm_after"
+    mlp: str = "mlp"
+    fc1: str = "mlp.fc1"
+    fc2: str = "mlp.fc2"
+    scales: tuple[str | None, str | None] = (None, None)
+
+
+def _scaled(layer: nn.Module, scale: str | None, x: torch.Tensor) -> torch.Tensor:
+    # a layer scale multiplies channels by constants: relevance passes through it unchanged
+    return x if scale is None else pass_through(x, layer.get_submodule(scale))
+
+
+def pre_norm_layer_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                           names: BlockNames, **kwargs):
+    """h ← h + γ₁·Attn(LN₁(h)); h ← h + γ₂·MLP(LN₂(h)), the eval-mode forward of a pre-norm encoder layer (dropout
+    and drop-path are the identity), with relevance-conserving residual additions. Bound per layer with
+    ``functools.partial(pre_norm_layer_forward, names=...)``."""
+    normed = self.get_submodule(names.norm_before)(hidden_states)
+    attention, _ = self.get_submodule(names.attention)(normed, attention_mask=attention_mask, **kwargs)
+    hidden_states = residual_add(_scaled(self, names.scales[0], attention), hidden_states)
+    mlp = self.get_submodule(names.mlp)(self.get_submodule(names.norm_after)(hidden_states))
+    return residual_add(_scaled(self, names.scales[1], mlp), hidden_states)
 
 
 def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int],
@@ -93,28 +126,66 @@ def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions: tup
     return residual_add(mlp_output, hidden_states), attn_weights
 
 
-class _HFFamily(Family):
+def check_modules(model: nn.Module, layout: Layout) -> None:
+    """TypeError, before anything is changed, unless every point of ``layout`` is an ``nn.Linear`` (or the patch
+    embedding's ``nn.Conv2d``) and every LayerNorm to reparameterise an ``nn.LayerNorm`` with weight and bias."""
+    modules = dict(model.named_modules())
+    expected = [(n, nn.Linear) for n in layout.weight_points()[1:]] + [(n, nn.LayerNorm) for n, _ in layout.post_ln]
+    for name, kind in expected:
+        module = modules.get(name)
+        if not isinstance(module, kind) or (kind is nn.LayerNorm and (module.weight is None or module.bias is None)):
+            found = "nothing" if module is None else f"a {type(module).__name__}"
+            raise TypeError(f"{type(model).__name__}: {name} is {found} where this adapter expects nn."
+                            f"{kind.__name__}{' with weight and bias' if kind is nn.LayerNorm else ''}; this variant "
+                            "is not supported and nothing was changed.")
+
+
+class HFFamily(Family):
+    """A transformers model family: its model and encoder-layer classes, where each layer keeps its parts
+    (``names``) and the Linear heads quantized after the last block. Subclasses override the hooks where a family
+    differs (outputs, structure checks, layer forwards)."""
+
     model_classes: tuple[type, ...] = ()
     layer_classes: tuple[type, ...] = ()
+    names: BlockNames = BlockNames()
     heads: tuple[str, ...] = ("classifier", "cls_classifier", "distillation_classifier")
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)
 
+    def tower(self, model: nn.Module) -> str:
+        """The prefix of the module names that are quantized ("" for the whole model; "vision_model." for the vision
+        tower of a two-tower model)."""
+        return ""
+
+    def check_structure(self, model: nn.Module) -> None:
+        """TypeError, before anything is changed, for variants of the family this adapter would quantize wrongly."""
+
+    def layers(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        prefix = self.tower(model)
+        return [(n, m) for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, self.layer_classes)]
+
     def layout(self, model: nn.Module) -> Layout:
-        post_ln, linears, attentions, block_of = [], [], [], {}
+        self.check_structure(model)
+        prefix, names = self.tower(model), self.names
+        convs = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Conv2d)]
+        if len(convs) != 1:
+            raise TypeError(f"{type(model).__name__} has {len(convs)} convolutions where one patch embedding was "
+                            "expected; nothing was changed.")
+        post_ln, linears, attentions, block_of = [], [], [], {convs[0]: -1}
         block = -1
-        patch_embed = f"{model.base_model_prefix}.embeddings.patch_embeddings.projection"
-        block_of[patch_embed] = -1
         for name, module in model.named_modules():
+            if not name.startswith(prefix):
+                continue
             if isinstance(module, self.layer_classes):
                 block += 1
-                qkv = [f"{name}.attention.{p}_proj" for p in "qkv"]
-                post_ln += [(f"{name}.layernorm_before", qkv), (f"{name}.layernorm_after", [f"{name}.mlp.fc1"])]
-                linears += [f"{name}.attention.o_proj", f"{name}.mlp.fc2"]
-                attentions.append(f"{name}.attention")
-                points = qkv + [f"{name}.mlp.fc1", f"{name}.attention.o_proj", f"{name}.mlp.fc2"]
-                points += [f"{name}.attention.{p}" for p in ("matmul1", "softmax", "matmul2")]
+                attention = f"{name}.{names.attention}"
+                qkv = [f"{name}.{p}" for p in names.qkv]
+                fc1, out_proj, fc2 = (f"{name}.{p}" for p in (names.fc1, names.out_proj, names.fc2))
+                post_ln += [(f"{name}.{names.norm_before}", qkv), (f"{name}.{names.norm_after}", [fc1])]
+                linears += [out_proj, fc2]
+                attentions.append(attention)
+                points = [*qkv, fc1, out_proj, fc2, *(f"{attention}.{p}" for p in ("matmul1", "softmax", "matmul2"))]
                 block_of.update(dict.fromkeys(points, block))
             elif isinstance(module, SwinPatchMerging):
                 # merging belongs to the stage it closes
@@ -124,7 +195,9 @@ class _HFFamily(Family):
             if isinstance(getattr(model, head, None), nn.Linear):
                 linears.append(head)
                 block_of[head] = block + 1
-        return Layout(post_ln, linears, patch_embed, attentions, block_of)
+        layout = Layout(post_ln, linears, convs[0], attentions, block_of)
+        check_modules(model, layout)
+        return layout
 
     def install_attention(self, model: nn.Module, layout: Layout) -> None:
         if getattr(model, _PREVIOUS_ATTN, None) is None:
@@ -140,26 +213,37 @@ class _HFFamily(Family):
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
 
+    def layer_forward(self, model: nn.Module) -> Callable:
+        """The relevance-conserving forward of this family's encoder layers."""
+        return functools.partial(pre_norm_layer_forward, names=self.names)
+
     def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
-        forward = _swin_layer_forward if isinstance(model, SwinForImageClassification) else _vit_layer_forward
-        return [(m, forward) for m in model.modules() if isinstance(m, self.layer_classes)]
+        forward = self.layer_forward(model)
+        return [(m, forward) for _, m in self.layers(model)]
+
+    def vision_config(self, model: nn.Module):
+        return model.config
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
-        size = model.config.image_size
+        config = self.vision_config(model)
+        size = config.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return model.config.num_channels, height, width
+        return config.num_channels, height, width
 
 
-class _HFViT(_HFFamily):
+class _HFViT(HFFamily):
     name = "transformers ViT/DeiT"
     model_classes = (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher)
     layer_classes = (ViTLayer, DeiTLayer)
 
 
-class _HFSwin(_HFFamily):
+class _HFSwin(HFFamily):
     name = "transformers Swin"
     model_classes = (SwinForImageClassification,)
     layer_classes = (SwinLayer,)
+
+    def layer_forward(self, model: nn.Module) -> Callable:
+        return _swin_layer_forward
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return model.config.num_channels, None, None  # Swin pads any size

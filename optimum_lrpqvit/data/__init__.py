@@ -8,8 +8,8 @@ The subpackage has one module per concern; every public name is re-exported here
 * :mod:`.sources`: one split of an image dataset from ``"fashion_mnist"``, a local directory (a ``save_to_disk``
   dataset or an image folder) or a Hub dataset id, reduced to ``image`` / ``label`` columns and optionally sampled
   (:func:`load_image_dataset`, :func:`prepare_image_dataset`).
-* :mod:`.pixels`: PIL images through the model's image processor into pixel values
-  (:func:`images_to_pixel_values`, :func:`preprocess`).
+* :mod:`.pixels`: the model's image processor (:func:`load_image_processor`) and PIL images through it into pixel
+  values (:func:`images_to_pixel_values`, :func:`preprocess`).
 
 Private helpers live in their submodule only (monkeypatch them there, e.g. ``data.fashion_mnist._FILES``).
 """
@@ -25,7 +25,7 @@ from .fashion_mnist import (
     load_fashion_mnist_arrays,
     read_idx,
 )
-from .pixels import images_to_pixel_values, preprocess
+from .pixels import images_to_pixel_values, load_image_processor, preprocess
 from .sources import load_image_dataset, prepare_image_dataset
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "images_to_pixel_values",
     "load_fashion_mnist",
     "load_fashion_mnist_arrays",
+    "load_image_processor",
     "load_image_dataset",
     "prepare_image_dataset",
     "preprocess",

@@ -1,19 +1,35 @@
 """PIL images to the model's pixel values, through its image processor.
 
-:func:`images_to_pixel_values` converts grayscale images to RGB when the processor asks for it and checks the
-channel count and finiteness of the result; :func:`preprocess` runs a ``datasets.Dataset`` through it in batches.
+:func:`load_image_processor` reads a model's processor, :func:`images_to_pixel_values` converts grayscale images
+to RGB when the processor asks for it and checks the channel count and finiteness of the result;
+:func:`preprocess` runs a ``datasets.Dataset`` through it in batches.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import datasets
     import torch
 
-__all__ = ["images_to_pixel_values", "preprocess"]
+__all__ = ["images_to_pixel_values", "load_image_processor", "preprocess"]
+
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def load_image_processor(name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoImageProcessor.from_pretrained(name_or_path, **kwargs)``, reading ``preprocessor_config.json`` of a
+    local directory that has one. (For a local timm checkpoint, transformers ≥ 5.25 reads the processor from
+    ``config.json`` even when ``preprocessor_config.json`` is there, which a Hub repo of the same files does not.)"""
+    from transformers import AutoImageProcessor
+
+    local = os.path.join(name_or_path, kwargs.get("subfolder", ""), PROCESSOR_FILE)
+    if os.path.isfile(local):
+        kwargs.setdefault("image_processor_filename", PROCESSOR_FILE)
+    return AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
 
 
 def preprocess(

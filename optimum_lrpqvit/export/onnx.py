@@ -502,6 +502,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int | None 
     path = _check_destination(path)
     family = find_family(model)
     config = applied_config(model)  # ValueError naming quantize() for an unquantized model
+    problem = family.export_problem(model)
+    if problem is not None:
+        raise ValueError(f"export_onnx cannot export {type(model).__name__}: {problem}. The quantized model itself "
+                         "works in PyTorch and saves with save_quantized.")
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes != {torch.float32}:
         raise ValueError(f"export_onnx exports float32 models; this one has {sorted(map(str, dtypes))} parameters "

@@ -32,6 +32,9 @@ def fisher_importance(model: nn.Module, data: object, bits: int) -> dict[str, fl
     ``quantize()``. The model is unchanged afterwards.
     """
     family = find_family(model)
+    if not family.is_classifier(model):
+        raise ValueError(f"Fisher importance needs class log-probabilities and {type(model).__name__} has no "
+                         "classifier; use importance='lrp' (scored on the image embedding) or 'uniform'.")
     pixels = as_pixel_values(data, *family.input_shape(model))
     scored = float32_model(model)
     layout = family.layout(scored)

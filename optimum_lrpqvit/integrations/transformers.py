@@ -16,7 +16,7 @@ with the checkpoint's own image processor (the one next to the weights, ``subfol
 accepted, float checkpoints included. A quantized model's ``push_to_hub`` (after quantizing or loading) is
 ``hub.push_to_hub``, so that it uploads this library's model card.
 
-Written against the quantizer lifecycle of transformers 5.x (tested with 5.24): ``preprocess_model`` passes
+Written against the quantizer lifecycle of transformers 5.x (tested with 5.24 and 5.25): ``preprocess_model`` passes
 ``checkpoint_files`` to ``_process_model_before_weight_loading`` on a meta-device model.
 """
 
@@ -27,13 +27,13 @@ import os
 from typing import Any
 
 from torch import nn
-from transformers import AutoImageProcessor
 from transformers.quantizers import auto as _auto
 from transformers.quantizers.base import HfQuantizer
 
 from .. import hub
 from ..architectures import is_transformers_model
 from ..config import QUANT_METHOD, LRPQConfig
+from ..data import load_image_processor
 from ..jobs import quantize_from_dataset
 from ..quantize import register_attach_hook
 from ..serialization.format import RESAVE, packed_state_dict
@@ -86,7 +86,7 @@ class LRPQHfQuantizer(HfQuantizer):
             _install_push_to_hub(model)
             return model
         # the processor next to the weights: from_pretrained(..., subfolder=) does not tell the quantizer
-        processor = AutoImageProcessor.from_pretrained(model.name_or_path, subfolder=getattr(self, "_subfolder", ""))
+        processor = load_image_processor(model.name_or_path, subfolder=getattr(self, "_subfolder", ""))
         # quantize() attaches the applied config and a pre-quantized quantizer, so save_pretrained writes packed
         return quantize_from_dataset(model, self.quantization_config, processor)
 

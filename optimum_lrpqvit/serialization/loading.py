@@ -11,12 +11,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageClassification
 
-from ..architectures import Layout, find_family
+from ..architectures import Layout, find_family, transformers_class
 from ..bit_plan import BitPlan
 from ..config import LRPQConfig
-from ..nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, is_quantized
+from ..nn import (
+    LogSqrt2Quantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    UniformQuantizer,
+    is_quantized,
+    weight_placeholder,
+)
 from ..packing import packed_nbytes
 from ..quantize import attach_applied_config, prepare_model
 from ..quantizers import MAX_BITS, MIN_BITS
@@ -70,7 +77,7 @@ def _to_packed_form(module: WeightModule, bits: int, zero_point_dtype: torch.dty
     weight = module.weight
     shape, device = tuple(weight.shape), weight.device
     del module.weight
-    module.register_buffer("weight", torch.empty(0, dtype=weight.dtype, device=device), persistent=False)
+    module.register_buffer("weight", weight_placeholder(weight), persistent=False)
     module.weight_quantizer._non_persistent_buffers_set.update(("scale", "zero_point"))
     module.register_buffer("weight_packed", torch.empty(packed_nbytes(math.prod(shape), bits), dtype=torch.uint8,
                                                         device=device))
@@ -214,12 +221,13 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     Args:
         directory (`str` or `os.PathLike`): a local directory with ``config.json`` and ``model.safetensors``
             (or its shards); with ``model`` ``None`` or a class, also a Hub repo id.
-        model (`nn.Module` or `type`, *optional*): ``None`` loads a transformers checkpoint with
-            ``AutoModelForImageClassification.from_pretrained`` (through the ``"lrpqvit"`` quantizer that importing
-            ``optimum_lrpqvit`` registers with transformers); a transformers class loads with its own
-            ``from_pretrained``; a float model instance (any supported family, raw timm included) is quantized in
-            place with the saved bit plan and filled from the checkpoint without transformers' loader (if the
-            checkpoint turns out not to fit, that instance is left half-converted: build a new one).
+        model (`nn.Module` or `type`, *optional*): ``None`` loads a transformers checkpoint with the class its
+            ``config.json`` names (``AutoModelForImageClassification`` where that is no supported class), through
+            the ``"lrpqvit"`` quantizer that importing ``optimum_lrpqvit`` registers with transformers; a class
+            loads with its own ``from_pretrained``; a float model instance (any supported family, raw timm
+            included) is quantized in place with the saved bit plan and filled from the checkpoint without
+            transformers' loader (if the checkpoint turns out not to fit, that instance is left half-converted:
+            build a new one).
         from_pretrained_kwargs: passed to ``from_pretrained`` (``model`` ``None`` or a class only).
 
     Returns:
@@ -227,7 +235,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     """
     directory = os.fspath(directory)
     if model is None or isinstance(model, type):
-        model_class = model or AutoModelForImageClassification
+        model_class = model
         if os.path.isdir(directory):  # local: fail early, naming the file, where transformers would be vaguer
             document = read_config(directory)
             config_from_document(document, directory)
@@ -236,6 +244,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
                                  "transformers cannot rebuild: pass the float timm model of the same architecture "
                                  "as `model=`, or quantize timm models inside TimmWrapperForImageClassification.")
             weight_files(directory)
+        model_class = model_class or transformers_class(directory, **from_pretrained_kwargs)
         return model_class.from_pretrained(directory, **from_pretrained_kwargs)
     if from_pretrained_kwargs:
         raise TypeError(f"Unexpected arguments when loading into a model instance: {sorted(from_pretrained_kwargs)}.")
