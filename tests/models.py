@@ -63,6 +63,17 @@ def hf_deit_teacher(seed: int = 0) -> nn.Module:
     return _spread(DeiTForImageClassificationWithTeacher(DeiTConfig(**_VIT)), seed)
 
 
+def hf_vit_model(seed: int = 0) -> nn.Module:
+    """A bare ViTModel (e.g. DINO): scored and evaluated on its [CLS] token; its tanh pooler stays float."""
+    torch.manual_seed(seed)
+    return _spread(transformers.ViTModel(ViTConfig(**_VIT)), seed)
+
+
+def hf_swin_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _spread(transformers.SwinModel(SwinConfig(**_SWIN)), seed)
+
+
 def hf_swin(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return _spread(SwinForImageClassification(SwinConfig(**_SWIN)), seed)
@@ -190,9 +201,9 @@ def hf_siglip_classifier(seed: int = 0) -> nn.Module:
 
 def stays_float(name: str) -> bool:
     """Whether the module ``name`` is one the library keeps float by design: a two-tower model's text tower,
-    SigLIP's attention-pooling head and Swinv2's position-bias MLP."""
+    SigLIP's attention-pooling head, Swinv2's position-bias MLP and ViTModel's tanh pooler."""
     return name.startswith(("text_model", "text_projection")) or any(
-        part in f".{name}." for part in (".head.attention.", ".head.mlp.", ".continuous_position_bias_mlp."))
+        part in f".{name}." for part in (".head.attention.", ".head.mlp.", ".continuous_position_bias_mlp.", ".pooler."))
 
 
 _SWINV2 = dict(image_size=IMAGE_SIZE, patch_size=2, num_channels=3, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
@@ -209,6 +220,8 @@ def hf_swinv2_model(seed: int = 0) -> nn.Module:
 
 
 EMBEDDERS = {
+    "hf_vit_model": hf_vit_model,
+    "hf_swin_model": hf_swin_model,
     "hf_dinov2_registers": hf_dinov2_registers,
     "hf_vit_mae": hf_vit_mae,
     "hf_clip_vision": hf_clip_vision,
@@ -255,6 +268,8 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
             noise = torch.arange(model.embeddings.patch_embeddings.num_patches).expand(len(x), -1)
             return model(pixel_values=x, noise=noise).last_hidden_state[:, 0]
         out = model(pixel_values=x)
+        if isinstance(model, (transformers.ViTModel, transformers.DeiTModel)):
+            return out.last_hidden_state[:, 0]
         for key in ("logits", "image_embeds", "pooler_output"):
             if getattr(out, key, None) is not None:
                 return out[key]

@@ -1,5 +1,6 @@
-"""Adapters for Hugging Face ViT, DeiT (with and without the distillation head) and Swin classifiers, and the
-machinery the other transformers encoder adapters (``hf_encoders``) share.
+"""Adapters for Hugging Face ViT, DeiT (with and without the distillation head) and Swin, as classifiers and as bare
+encoders (``ViTModel``, ``DeiTModel``: the [CLS] token; ``SwinModel``: ``pooler_output``), and the machinery the
+other transformers encoder adapters (``hf_encoders``, ``hf_swinv2``) share.
 
 The pre-norm encoder layer of transformers ≥ 5.9 is ``norm_before`` → ``attention.{q,k,v}_proj``,
 ``attention.{o_proj|out_proj}``, ``norm_after`` → ``mlp.fc1``, ``mlp.fc2``, optionally with layer scales after the
@@ -22,9 +23,12 @@ from transformers import (
     AttentionInterface,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    DeiTModel,
     PreTrainedModel,
     SwinForImageClassification,
+    SwinModel,
     ViTForImageClassification,
+    ViTModel,
 )
 from transformers.models.deit.modeling_deit import DeiTLayer
 from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging, window_partition, window_reverse
@@ -146,12 +150,20 @@ class HFFamily(Family):
     differs (outputs, structure checks, layer forwards)."""
 
     model_classes: tuple[type, ...] = ()
+    classifiers: tuple[type, ...] = ()  # the model classes with a classifier; the others are bare encoders
     layer_classes: tuple[type, ...] = ()
     names: BlockNames = BlockNames()
     heads: tuple[str, ...] = ("classifier", "cls_classifier", "distillation_classifier")
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)
+
+    def is_classifier(self, model: nn.Module) -> bool:
+        return isinstance(model, self.classifiers)
+
+    def embedding(self, output) -> torch.Tensor:
+        """The image embedding in a bare encoder's output."""
+        return output.pooler_output
 
     def tower(self, model: nn.Module) -> str:
         """The prefix of the module names that are quantized ("" for the whole model; "vision_model." for the vision
@@ -211,7 +223,8 @@ class HFFamily(Family):
             delattr(model, _PREVIOUS_ATTN)
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values=pixel_values).logits
+        output = model(pixel_values=pixel_values)
+        return output.logits if self.is_classifier(model) else self.embedding(output)
 
     def layer_forward(self, model: nn.Module) -> Callable:
         """The relevance-conserving forward of this family's encoder layers."""
@@ -233,13 +246,19 @@ class HFFamily(Family):
 
 class _HFViT(HFFamily):
     name = "transformers ViT/DeiT"
-    model_classes = (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher)
+    classifiers = (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher)
+    model_classes = (*classifiers, ViTModel, DeiTModel)
     layer_classes = (ViTLayer, DeiTLayer)
+
+    def embedding(self, output) -> torch.Tensor:
+        # the final LayerNorm's [CLS] token (DINO's feature); the optional tanh pooler is a separate, float head
+        return output.last_hidden_state[:, 0]
 
 
 class _HFSwin(HFFamily):
     name = "transformers Swin"
-    model_classes = (SwinForImageClassification,)
+    classifiers = (SwinForImageClassification,)
+    model_classes = (*classifiers, SwinModel)
     layer_classes = (SwinLayer,)
 
     def layer_forward(self, model: nn.Module) -> Callable:
@@ -251,14 +270,14 @@ class _HFSwin(HFFamily):
     def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
         # SwinLayer pads its normed input to a multiple of its window (shrunk to the map when the map is smaller);
         # the feature map is the patch grid, halved (rounded up) by every patch merging
-        config = model.config
+        config, prefix = model.config, "swin." if self.is_classifier(model) else ""
         patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
         h, w = math.ceil(height / patch), math.ceil(width / patch)
         padded = []
         for i, depth in enumerate(config.depths):
             window = min(config.window_size, h, w)
             if h % window or w % window:
-                padded += [f"swin.encoder.layers.{i}.blocks.{j}" for j in range(depth)]
+                padded += [f"{prefix}encoder.layers.{i}.blocks.{j}" for j in range(depth)]
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         return padded
 

@@ -64,11 +64,7 @@ _INTERPOLATED = ("its embeddings interpolate the position embeddings (bicubic wi
 
 
 class _Encoder(HFFamily):
-    classifiers: tuple[type, ...] = ()
     heads = ("classifier", "visual_projection")
-
-    def is_classifier(self, model: nn.Module) -> bool:
-        return isinstance(model, self.classifiers)
 
     def tower(self, model: nn.Module) -> str:
         return "vision_model." if isinstance(model, _TWO_TOWER) else ""
@@ -77,15 +73,9 @@ class _Encoder(HFFamily):
         return getattr(model.config, "vision_config", model.config)
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.is_classifier(model):
-            return model(pixel_values=pixel_values).logits
         if isinstance(model, _TWO_TOWER):
             return model.get_image_features(pixel_values=pixel_values).pooler_output
-        return self.embedding(model(pixel_values=pixel_values))
-
-    def embedding(self, output) -> torch.Tensor:
-        """The image embedding in a bare encoder's output."""
-        return output.pooler_output
+        return super().logits(model, pixel_values)
 
 
 class _Dinov2(_Encoder):

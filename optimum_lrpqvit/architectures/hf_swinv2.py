@@ -88,11 +88,9 @@ def _layer_forward(self: Swinv2Layer, hidden_states: torch.Tensor, input_dimensi
 
 class _HFSwinv2(HFFamily):
     name = "transformers Swinv2"
-    model_classes = (Swinv2ForImageClassification, Swinv2Model)
+    classifiers = (Swinv2ForImageClassification,)
+    model_classes = (*classifiers, Swinv2Model)
     layer_classes = (Swinv2Layer,)
-
-    def is_classifier(self, model: nn.Module) -> bool:
-        return isinstance(model, Swinv2ForImageClassification)
 
     def layout(self, model: nn.Module) -> Layout:
         prefix = "swinv2." if isinstance(model, Swinv2ForImageClassification) else ""
@@ -125,10 +123,6 @@ class _HFSwinv2(HFFamily):
     def remove_attention(self, model: nn.Module, layout: Layout) -> None:
         for name in layout.attentions:
             remove_instance_forward(model.get_submodule(name))
-
-    def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = model(pixel_values=pixel_values)
-        return out.logits if self.is_classifier(model) else out.pooler_output
 
     def layer_forward(self, model: nn.Module) -> Callable:
         return _layer_forward
