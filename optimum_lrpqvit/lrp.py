@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import relevance
 from .architectures import Family, Layout, find_family
+from .architectures.base import install_instance_forward, remove_instance_forward
 from .inputs import as_pixel_values
 from .nn import is_quantized
 from .scores import normalised
@@ -40,10 +40,6 @@ _ELEMENTWISE = (nn.LayerNorm, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, _T
 
 def _is_elementwise(module: nn.Module) -> bool:
     return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
-
-
-def _install(module: nn.Module, forward) -> None:
-    module.forward = types.MethodType(forward, module)
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -102,12 +98,12 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
         try:
             family.install_attention(model, layout)
             for module, forward in patched:
-                _install(module, forward)
+                install_instance_forward(module, forward)
             with recorder:
                 yield family, layout, recorder
         finally:
             for module, _ in patched:
-                module.__dict__.pop("forward", None)
+                remove_instance_forward(module)
             family.remove_attention(model, layout)
 
 

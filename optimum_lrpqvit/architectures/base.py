@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .. import relevance
 
-__all__ = ["Layout", "Family", "quantized_attention"]
+__all__ = ["Layout", "Family", "install_instance_forward", "quantized_attention", "remove_instance_forward"]
 
 
 @dataclass
@@ -91,6 +92,15 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         """(channels, height, width) the model expects; None where any size is accepted."""
+
+
+def install_instance_forward(module: nn.Module, forward: Callable) -> None:
+    """Replace ``forward`` on this instance only (the class and every other instance are untouched)."""
+    module.forward = types.MethodType(forward, module)
+
+
+def remove_instance_forward(module: nn.Module) -> None:
+    module.__dict__.pop("forward", None)
 
 
 def quantized_attention(

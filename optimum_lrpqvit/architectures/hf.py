@@ -7,7 +7,8 @@ The pre-norm encoder layer of transformers ≥ 5.9 is ``norm_before`` → ``atte
 two branches; ``BlockNames`` says where one family keeps these parts (ViT/DeiT/Swin: ``layernorm_before``,
 ``layernorm_after``; Swin adds ``downsample.norm`` → ``downsample.reduction``). Attention is intercepted through
 transformers' ``AttentionInterface``: the function is registered under ``"lrpqvit"`` and selected per model instance
-with ``set_attn_implementation``.
+with ``set_attn_implementation`` (families that predate the interface set ``HFFamily.attention_forward``, which
+replaces their attention modules' ``forward`` per instance).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from transformers.models.swin.modeling_swin import SwinLayer, SwinPatchMerging, 
 from transformers.models.vit.modeling_vit import ViTLayer
 
 from ..relevance import pass_through, residual_add
-from .base import Family, Layout, quantized_attention
+from .base import Family, Layout, install_instance_forward, quantized_attention, remove_instance_forward
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlockNames", "HF_SWIN", "HF_VIT", "HFFamily", "check_modules",
            "is_transformers_model", "pre_norm_layer_forward"]
@@ -154,6 +155,8 @@ class HFFamily(Family):
     layer_classes: tuple[type, ...] = ()
     names: BlockNames = BlockNames()
     heads: tuple[str, ...] = ("classifier", "cls_classifier", "distillation_classifier")
+    # families that predate AttentionInterface: this replaces the attention modules' forward per instance
+    attention_forward: Callable | None = None
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)
@@ -212,11 +215,19 @@ class HFFamily(Family):
         return layout
 
     def install_attention(self, model: nn.Module, layout: Layout) -> None:
+        if self.attention_forward is not None:
+            for name in layout.attentions:
+                install_instance_forward(model.get_submodule(name), self.attention_forward)
+            return
         if getattr(model, _PREVIOUS_ATTN, None) is None:
             setattr(model, _PREVIOUS_ATTN, model.config._attn_implementation)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def remove_attention(self, model: nn.Module, layout: Layout) -> None:
+        if self.attention_forward is not None:
+            for name in layout.attentions:
+                remove_instance_forward(model.get_submodule(name))
+            return
         previous = getattr(model, _PREVIOUS_ATTN, None)
         if previous is not None:
             model.set_attn_implementation(previous)

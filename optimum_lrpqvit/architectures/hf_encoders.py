@@ -54,7 +54,6 @@ from transformers.models.vit_msn.modeling_vit_msn import ViTMSNLayer
 from .. import relevance
 from .base import quantized_attention
 from .hf import BlockNames, HFFamily
-from .timm_common import install_instance_forward, remove_instance_forward
 
 __all__ = ["HF_BEIT", "HF_CLIP", "HF_DATA2VEC_VISION", "HF_DINOV2", "HF_SIGLIP", "HF_VIT_ENCODERS"]
 
@@ -190,14 +189,7 @@ class _Data2VecVision(_Encoder):
     names = BlockNames(attention="attention.attention", qkv=tuple(f"attention.attention.{p}" for p in
                                                                    ("query", "key", "value")),
                        out_proj="attention.output.dense", fc1="intermediate.dense", fc2="output.dense")
-
-    def install_attention(self, model: nn.Module, layout) -> None:
-        for name in layout.attentions:
-            install_instance_forward(model.get_submodule(name), _data2vec_attention_forward)
-
-    def remove_attention(self, model: nn.Module, layout) -> None:
-        for name in layout.attentions:
-            remove_instance_forward(model.get_submodule(name))
+    attention_forward = staticmethod(_data2vec_attention_forward)
 
     def layer_forward(self, model: nn.Module) -> Callable:
         return _data2vec_layer_forward

@@ -30,7 +30,6 @@ from transformers.models.swinv2.modeling_swinv2 import (
 from .. import relevance
 from .base import Layout, quantized_attention
 from .hf import HFFamily, check_modules
-from .timm_common import install_instance_forward, remove_instance_forward
 
 __all__ = ["HF_SWINV2"]
 
@@ -91,6 +90,7 @@ class _HFSwinv2(HFFamily):
     classifiers = (Swinv2ForImageClassification,)
     model_classes = (*classifiers, Swinv2Model)
     layer_classes = (Swinv2Layer,)
+    attention_forward = staticmethod(_attention_forward)
 
     def layout(self, model: nn.Module) -> Layout:
         prefix = "swinv2." if isinstance(model, Swinv2ForImageClassification) else ""
@@ -115,14 +115,6 @@ class _HFSwinv2(HFFamily):
             layout.block_of["classifier"] = block + 1
         check_modules(model, layout)
         return layout
-
-    def install_attention(self, model: nn.Module, layout: Layout) -> None:
-        for name in layout.attentions:
-            install_instance_forward(model.get_submodule(name), _attention_forward)
-
-    def remove_attention(self, model: nn.Module, layout: Layout) -> None:
-        for name in layout.attentions:
-            remove_instance_forward(model.get_submodule(name))
 
     def layer_forward(self, model: nn.Module) -> Callable:
         return _layer_forward

@@ -1,25 +1,15 @@
-"""What the timm adapters share: per-instance forward replacement and the layout of a timm block."""
+"""What the timm adapters share: attention intercepted per instance and the layout of a timm block."""
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .base import Family, Layout
+from .base import Family, Layout, install_instance_forward, remove_instance_forward
 
-__all__ = ["TimmFamily", "block_points", "install_instance_forward", "remove_instance_forward"]
-
-
-def install_instance_forward(module: nn.Module, forward: Callable) -> None:
-    """Replace ``forward`` on this instance only (the class and every other instance are untouched)."""
-    module.forward = types.MethodType(forward, module)
-
-
-def remove_instance_forward(module: nn.Module) -> None:
-    module.__dict__.pop("forward", None)
+__all__ = ["TimmFamily", "block_points"]
 
 
 def block_points(prefix: str, block: int, layout: Layout) -> None:
