@@ -63,8 +63,11 @@ def _print_table(rows: list[tuple[str, dict]], title: str) -> None:
         print(f"| {label} | {r['top1']:.2f} | {agreement} | {kl} |")
 
 
-def _index_images(args: argparse.Namespace, processor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labelled images whose embeddings a k-NN classifier votes with (models without a classifier)."""
+def _index_images(args: argparse.Namespace, model, processor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The labelled images whose embeddings a k-NN classifier votes with, for a model without a classifier; None
+    for a classifier."""
+    if find_family(model).is_classifier(model):
+        return None
     pixels, labels = preprocess(_load_dataset(args, args.knn_split, args.knn_samples), processor)
     if labels is None:
         raise SystemExit(f"error: {args.dataset} ({args.knn_split}) has no label column for the k-NN index.")
@@ -130,7 +133,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     if args.evaluate:  # before quantizing (in place): the full-precision outputs
         test = _load_dataset(args, args.eval_split, args.num_eval_samples)
         pixels, labels = preprocess(test, processor)
-        index = None if find_family(model).is_classifier(model) else _index_images(args, processor)
+        index = _index_images(args, model, processor)
         fp_outputs, fp_results = _measure(model, pixels, labels, args, "full precision", index=index)
     what = (f"LRP importance on {args.num_importance_samples or args.num_calibration_samples} images, then "
             if config.measures_importance else "")
@@ -186,7 +189,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     pixels, labels = preprocess(_load_dataset(args, args.split, args.num_samples), processor)
     if labels is None:
         raise SystemExit(f"error: {args.dataset} ({args.split}) has no label column to evaluate against.")
-    index = None if find_family(model).is_classifier(model) else _index_images(args, processor)
+    index = _index_images(args, model, processor)
     rows, results = [], {"model": args.model, "dataset": args.dataset, "split": args.split, "num_images": len(labels)}
     ref_outputs = None
     if args.reference is not None:

@@ -107,6 +107,10 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
             family.remove_attention(model, layout)
 
 
+_NO_CLASSES = ("{} has no classifier: it is scored on its image embedding (the projection on its own direction), "
+               "so there are no classes to target; pass no targets / labels.")
+
+
 def relevance_and_gradients(
     model: nn.Module, pixel_values: torch.Tensor, targets: torch.Tensor | None = None
 ) -> tuple[Layout, relevance.Recorder]:
@@ -135,10 +139,6 @@ def relevance_and_gradients(
         recorder.mode = "relevance"
         torch.autograd.grad(outputs, recorder.roots, relevance_seed)
     return layout, recorder
-
-
-_NO_CLASSES = ("{} has no classifier: it is scored on its image embedding (the projection on its own direction), "
-               "so there are no classes to target; pass no targets / labels.")
 
 
 def image_contributions(

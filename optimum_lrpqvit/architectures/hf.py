@@ -206,13 +206,17 @@ class HFFamily(Family):
                 # merging belongs to the stage it closes
                 post_ln.append((f"{name}.norm", [f"{name}.reduction"]))
                 block_of[f"{name}.reduction"] = block
-        for head in self.heads:
-            if isinstance(getattr(model, head, None), nn.Linear):
-                linears.append(head)
-                block_of[head] = block + 1
         layout = Layout(post_ln, linears, convs[0], attentions, block_of)
+        self.add_heads(model, layout, block + 1)
         check_modules(model, layout)
         return layout
+
+    def add_heads(self, model: nn.Module, layout: Layout, block: int) -> None:
+        """Append the model's Linear heads (``heads``) to ``layout`` as points of ``block``."""
+        for head in self.heads:
+            if isinstance(getattr(model, head, None), nn.Linear):
+                layout.linears.append(head)
+                layout.block_of[head] = block
 
     def install_attention(self, model: nn.Module, layout: Layout) -> None:
         if self.attention_forward is not None:
@@ -245,11 +249,8 @@ class HFFamily(Family):
         forward = self.layer_forward(model)
         return [(m, forward) for _, m in self.layers(model)]
 
-    def vision_config(self, model: nn.Module):
-        return model.config
-
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
-        config = self.vision_config(model)
+        config = getattr(model.config, "vision_config", model.config)  # two-tower models: the vision tower's
         size = config.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return config.num_channels, height, width

@@ -68,9 +68,6 @@ class _Encoder(HFFamily):
     def tower(self, model: nn.Module) -> str:
         return "vision_model." if isinstance(model, _TWO_TOWER) else ""
 
-    def vision_config(self, model: nn.Module):
-        return getattr(model.config, "vision_config", model.config)
-
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         if isinstance(model, _TWO_TOWER):
             return model.get_image_features(pixel_values=pixel_values).pooler_output

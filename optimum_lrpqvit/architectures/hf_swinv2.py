@@ -110,9 +110,7 @@ class _HFSwinv2(HFFamily):
             elif isinstance(module, Swinv2PatchMerging):  # merging belongs to the stage it closes
                 layout.linears.append(f"{name}.reduction")
                 layout.block_of[f"{name}.reduction"] = block
-        if isinstance(getattr(model, "classifier", None), nn.Linear):
-            layout.linears.append("classifier")
-            layout.block_of["classifier"] = block + 1
+        self.add_heads(model, layout, block + 1)
         check_modules(model, layout)
         return layout
 

@@ -235,7 +235,6 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
     """
     directory = os.fspath(directory)
     if model is None or isinstance(model, type):
-        model_class = model
         if os.path.isdir(directory):  # local: fail early, naming the file, where transformers would be vaguer
             document = read_config(directory)
             config_from_document(document, directory)
@@ -244,7 +243,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | type | None 
                                  "transformers cannot rebuild: pass the float timm model of the same architecture "
                                  "as `model=`, or quantize timm models inside TimmWrapperForImageClassification.")
             weight_files(directory)
-        model_class = model_class or transformers_class(directory, **from_pretrained_kwargs)
+        model_class = model or transformers_class(directory, **from_pretrained_kwargs)
         return model_class.from_pretrained(directory, **from_pretrained_kwargs)
     if from_pretrained_kwargs:
         raise TypeError(f"Unexpected arguments when loading into a model instance: {sorted(from_pretrained_kwargs)}.")
