@@ -18,13 +18,16 @@ import urllib.parse
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-__all__ = ["ALLOCATION_RULES", "IMPORTANCE_CRITERIA", "LRPQVitOptimumCommand", "POST_LN_TREATMENTS", "UsageError",
+__all__ = ["ALLOCATION_RULES", "IMPORTANCE_CRITERIA", "LRPQVitOptimumCommand", "POST_LN_TREATMENTS",
+           "SOFTMAX_QUANTIZERS", "UsageError", "WEIGHT_ROUNDINGS",
            "add_commands", "build_parser", "check_arguments", "main", "run"]
 
 # the names registered by optimum_lrpqvit (tests/test_cli.py checks that they are the same); commands run in a
 # Python process that registered more pass those to build_parser
 POST_LN_TREATMENTS = ("crl", "repq", "channelwise", "layerwise")
 ALLOCATION_RULES = ("paper", "budget")
+SOFTMAX_QUANTIZERS = ("log_sqrt2", "adalog")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 IMPORTANCE_CRITERIA = ("lrp", "lrp_per_role", "fisher", "random", "uniform")
 WEIGHT_CODES = ("auto", "int8", "uint8")
 DEFAULT_OPSET, MIN_OPSET, MAX_OPSET = 17, 13, 20
@@ -98,7 +101,9 @@ def _knn_args(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POST_LN_TREATMENTS,
                  allocation: tuple[str, ...] = ALLOCATION_RULES,
-                 importance: tuple[str, ...] = IMPORTANCE_CRITERIA) -> None:
+                 importance: tuple[str, ...] = IMPORTANCE_CRITERIA,
+                 softmax_quantizer: tuple[str, ...] = SOFTMAX_QUANTIZERS,
+                 weight_rounding: tuple[str, ...] = WEIGHT_ROUNDINGS) -> None:
     """Add the subcommands to ``parser`` (``args.command`` names the one chosen); the strategy names default to
     those optimum-lrpqvit registers."""
     sub = parser.add_subparsers(title="commands", dest="command", metavar="{quantize,score,evaluate,push,export}")
@@ -116,6 +121,12 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
                    help="post-LayerNorm activation quantization (default: %(default)s)")
     q.add_argument("--crl-k", type=_positive_float, default=2.0,
                    help="CRL clipping band in standard deviations (default: %(default)s)")
+    q.add_argument("--softmax-quantizer", default="log_sqrt2", choices=softmax_quantizer,
+                   help="attention-probability quantizer: log_sqrt2, or adalog (base searched per layer; better at "
+                        "6-8 bits) (default: %(default)s)")
+    q.add_argument("--weight-rounding", default="nearest", choices=weight_rounding,
+                   help="weight rounding: nearest, or gptq (error-compensating, one more calibration pass) "
+                        "(default: %(default)s)")
     q.add_argument("--mixed-precision", action="store_true", help="allocate bits per layer by importance")
     q.add_argument("--allocation", default="paper", choices=allocation,
                    help="bit allocation rule of mixed precision (default: %(default)s)")

@@ -22,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,10 +101,13 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
                 if config.measures_importance:
                     importance, _ = preprocess(train, processor, sample_indices(
                         seed, num_importance, len(train), offset=num_calibration), progress=False)
+                start = time.perf_counter()
                 quantized = quantize(copy.deepcopy(model), config, calib, importance_data=importance)
+                seconds = time.perf_counter() - start
                 logits = predict_logits(quantized, pixels, desc=f"{key} {run_key}")
                 entry["runs"][run_key] = {**fidelity(logits, labels, fp_logits),
-                                          **applied_config(quantized).bit_plan_summary}
+                                          **applied_config(quantized).bit_plan_summary,
+                                          "quantize_seconds": round(seconds, 2)}
                 print(key, run_key, entry["runs"][run_key], flush=True)
                 save()
     return results
@@ -158,15 +162,18 @@ def markdown(results: dict, name: str) -> str:
         if not isinstance(entry, dict) or "runs" not in entry:
             continue
         fp = entry["full_precision"]["top1"]
+        timed = all("quantize_seconds" in r for r in entry["runs"].values())  # recorded since the options benchmark
         lines += [f"### {key} (FP top-1 {fp:.2f}%, widest/median post-LN channel range "
                   f"{entry['channel_range_ratio_median']:.1f}×)", "",
-                  "| W/A | method | avg w bits | avg a bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| W/A | method | avg w bits | avg a bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |"
+                  + (" quantize (s) |" if timed else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
         for wa, method, runs in _grouped(entry):
             lines.append(f"| {wa} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['avg_a_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['top1'] for r in runs], 2)} | {_mean_std([r['agreement'] for r in runs], 2)} "
-                         f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |")
+                         f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |"
+                         + (f" {_mean_std([r['quantize_seconds'] for r in runs], 1)} |" if timed else ""))
         lines.append("")
     return "\n".join(lines)
 

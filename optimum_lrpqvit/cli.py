@@ -29,7 +29,7 @@ from .export import compare_with_onnxruntime, example_input_shape, export_onnx
 from .hub import push_directory, save_quantized_model
 from .jobs import load_float_model, quantize_from_dataset
 from .quantize import applied_config
-from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS
+from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDINGS
 from .scoring import score_importance
 from .serialization import load_quantized
 
@@ -39,7 +39,8 @@ __all__ = ["build_parser", "main", "run_command"]
 def build_parser() -> argparse.ArgumentParser:
     """The ``lrpqvit`` parser with the strategies registered in this process."""
     return launcher.build_parser(post_ln=POST_LN_TREATMENTS.names(), allocation=ALLOCATION_RULES.names(),
-                                 importance=IMPORTANCE_CRITERIA.names())
+                                 importance=IMPORTANCE_CRITERIA.names(), softmax_quantizer=SOFTMAX_QUANTIZERS.names(),
+                                 weight_rounding=WEIGHT_ROUNDINGS.names())
 
 
 def _load_dataset(args: argparse.Namespace, split: str, num_samples: int | None):
@@ -123,6 +124,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     scores = None if criterion == args.importance else args.importance
     options = {} if args.candidate_bits is None else {"candidate_bits": args.candidate_bits}
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
+                        softmax_quantizer=args.softmax_quantizer, weight_rounding=args.weight_rounding,
                         mixed_precision=args.mixed_precision or scores is not None, allocation=args.allocation,
                         importance=criterion, importance_scores=scores, seed=args.seed, dataset=args.dataset,
                         dataset_split=args.split, num_calibration_samples=args.num_calibration_samples,
@@ -154,8 +156,10 @@ def quantize_command(args: argparse.Namespace) -> int:
         q_results = _measure(model, pixels, labels, args, "quantized", fp_outputs, index)[1]
         results = {"dataset": args.dataset, "split": args.eval_split, "num_images": len(labels),
                    "full_precision": fp_results, "quantized": q_results}
-        label = f"W{args.w_bits}/A{args.a_bits} {args.post_ln}" + (
-            f" {applied.importance} mixed ({applied.allocation})" if applied.mixed_precision else "")
+        label = " ".join([f"W{args.w_bits}/A{args.a_bits} {args.post_ln}",
+                          *([args.softmax_quantizer] if args.softmax_quantizer != "log_sqrt2" else []),
+                          *([args.weight_rounding] if args.weight_rounding != "nearest" else []),
+                          *([f"{applied.importance} mixed ({applied.allocation})"] if applied.mixed_precision else [])])
         _print_table([("full precision", results["full_precision"]), (label, results["quantized"])],
                      f"{Path(args.model).name} on {len(labels)} {args.dataset} {args.eval_split} images, "
                      f"{args.num_calibration_samples} calibration images"
@@ -230,6 +234,7 @@ COMMANDS = {"quantize": quantize_command, "score": score_command, "evaluate": ev
             "push": push_command, "export": export_command}
 # Python names in the library's messages → the flags a command-line user typed
 _FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "post_ln": "--post-ln", "crl_k": "--crl-k",
+          "softmax_quantizer": "--softmax-quantizer", "weight_rounding": "--weight-rounding",
           "candidate_bits": "--candidate-bits", "num_importance_samples": "--num-importance-samples",
           "num_calibration_samples": "--num-calibration-samples", "importance_scores": "--importance",
           "dataset_split": "--split", "split=": "--split ", "batch_size": "--batch-size",

@@ -13,7 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .allocation import DEFAULT_CANDIDATES
 from .quantizers import DEFAULT_PERCENTILES, check_bits
-from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS
+from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDINGS
 from .scores import check_scores
 
 __all__ = ["FORMAT_VERSION", "LRPQConfig", "QUANT_METHOD"]
@@ -57,6 +57,12 @@ class LRPQConfig(QuantizationConfigMixin):
         crl_k (`float`, *optional*, defaults to 2.0):
             CRL clipping band, in cross-channel standard deviations around the mean of the channel-wise
             scales and zero points. Only used with `post_ln="crl"`.
+        softmax_quantizer (`str`, *optional*, defaults to `"log_sqrt2"`):
+            Attention probabilities: `"log_sqrt2"` (x̂ = Δ·2^(−q/2), RepQ-ViT and LRP-QViT) or `"adalog"` (AdaLog's
+            base 2^(−n/32), n searched per layer with Δ; finer than √2 where there are codes to spare).
+        weight_rounding (`str`, *optional*, defaults to `"nearest"`):
+            `"nearest"`, or `"gptq"`: GPTQ's error-compensating rounding on each layer's calibration inputs
+            (one more forward pass of the calibration images).
         percentiles (`list[float]`, *optional*, defaults to `[0.999, 0.9999, 0.99999]`):
             Candidate percentiles of the range search; the lowest-MSE one is kept.
         mixed_precision (`bool`, *optional*, defaults to `False`):
@@ -104,6 +110,8 @@ class LRPQConfig(QuantizationConfigMixin):
         a_bits: int = 4,
         post_ln: str = "crl",
         crl_k: float = 2.0,
+        softmax_quantizer: str = "log_sqrt2",
+        weight_rounding: str = "nearest",
         percentiles: list[float] | tuple[float, ...] = DEFAULT_PERCENTILES,
         mixed_precision: bool = False,
         allocation: str = "paper",
@@ -131,6 +139,8 @@ class LRPQConfig(QuantizationConfigMixin):
         self.a_bits = a_bits
         self.post_ln = post_ln
         self.crl_k = crl_k
+        self.softmax_quantizer = softmax_quantizer
+        self.weight_rounding = weight_rounding
         self.percentiles = _number_list(percentiles, "percentiles")
         self.mixed_precision = mixed_precision
         self.allocation = allocation
@@ -187,6 +197,8 @@ class LRPQConfig(QuantizationConfigMixin):
         ):
             raise ValueError(f"crl_k must be a positive finite number, got {self.crl_k!r} "
                              "(use post_ln='repq' for no clipping).")
+        SOFTMAX_QUANTIZERS.get(self.softmax_quantizer)
+        WEIGHT_ROUNDINGS.get(self.weight_rounding)
         self.percentiles = _number_list(self.percentiles, "percentiles")
         self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):

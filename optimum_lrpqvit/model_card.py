@@ -60,10 +60,14 @@ def _method_line(config: LRPQConfig) -> str:
                  "repq": "RepQ-ViT's reparameterisation of post-LayerNorm activations",
                  "channelwise": "channel-wise post-LayerNorm activation scales",
                  "layerwise": "per-tensor post-LayerNorm activation scales"}.get(config.post_ln, config.post_ln)
+    probabilities = ("AdaLog attention probabilities (log base searched per layer)"
+                     if config.softmax_quantizer == "adalog" else "log-√2 attention probabilities")
+    if config.weight_rounding == "gptq":
+        probabilities += ", GPTQ weight rounding"
     if config.mixed_precision:
         return (f"LRP-QViT ([arXiv:2401.11243](https://arxiv.org/abs/2401.11243)): mixed precision with each layer's "
-                f"bits from its `{config.importance}` importance, {treatment}, log-√2 attention probabilities")
-    return f"W{config.w_bits}/A{config.a_bits} for every layer, with {treatment} and log-√2 attention probabilities"
+                f"bits from its `{config.importance}` importance, {treatment}, {probabilities}")
+    return f"W{config.w_bits}/A{config.a_bits} for every layer, with {treatment} and {probabilities}"
 
 
 def render_model_card(

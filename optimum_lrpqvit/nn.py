@@ -17,21 +17,26 @@ from torch import nn
 
 from .packing import pack_codes, unpack_codes
 from .quantizers import (
+    ADALOG_DENOMINATOR,
     DEFAULT_PERCENTILES,
     dequantize_uniform,
+    fake_quant_log,
     fake_quant_log_sqrt2,
     fake_quant_uniform,
+    search_adalog_params,
     search_log_sqrt2_delta,
     search_uniform_params,
     uniform_codes,
     uniform_params,
     weight_columns,
 )
+from .registry import SOFTMAX_QUANTIZERS
 
 __all__ = [
     "SharedInput",
     "UniformQuantizer",
     "LogSqrt2Quantizer",
+    "AdaLogQuantizer",
     "QuantLinear",
     "QuantConv2d",
     "QuantMatMul",
@@ -127,8 +132,9 @@ class UniformQuantizer(_Quantizer):
         return f"bits={self.bits}, channelwise={self.channelwise}"
 
 
+@SOFTMAX_QUANTIZERS.register("log_sqrt2")
 class LogSqrt2Quantizer(_Quantizer):
-    """Log-√2 fake quantizer for post-softmax probabilities: x̂ = Δ · 2^(−q/2)."""
+    """Log-√2 fake quantizer for post-softmax probabilities (RepQ-ViT): x̂ = Δ · 2^(−q/2), Δ searched."""
 
     def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES):
         super().__init__(bits, percentiles)
@@ -146,6 +152,37 @@ class LogSqrt2Quantizer(_Quantizer):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, log_sqrt2=True"
+
+
+@SOFTMAX_QUANTIZERS.register("adalog")
+class AdaLogQuantizer(_Quantizer):
+    """AdaLog fake quantizer for post-softmax probabilities (Wu et al., ECCV 2024): x̂ = Δ · 2^(−q·n/d), with
+    d = ``ADALOG_DENOMINATOR`` and the base exponent n/d and Δ searched per layer
+    (``quantizers.search_adalog_params``). Log-√2 is the fixed base n/d = ½; at 6–8 bits a finer base spends the
+    extra codes on resolution, where log-√2 only extends the range. At inference x̂ is a shift and a lookup in a
+    table of d constants (``quantizers.dequantize_log_shift``). Buffers: ``delta`` and ``numerator`` (n, float)."""
+
+    denominator = ADALOG_DENOMINATOR
+
+    def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES):
+        super().__init__(bits, percentiles)
+        self.register_buffer("delta", torch.empty(0))
+        self.register_buffer("numerator", torch.empty(0))
+
+    @property
+    def calibrated(self) -> bool:
+        return self.delta.numel() > 0
+
+    def fit(self, x: torch.Tensor) -> None:
+        delta, numerator = search_adalog_params(x, self.bits, self.percentiles, self.denominator)
+        self.delta = delta
+        self.numerator = torch.tensor(float(numerator), device=delta.device)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_log(x, self.delta, self.bits, int(self.numerator), self.denominator)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, adalog=True"
 
 
 class _WeightQuantMixin:

@@ -28,7 +28,6 @@ from .importance import importance_criterion
 from .inputs import as_pixel_values
 from .mixed_precision import mixed_bit_plan
 from .nn import (
-    LogSqrt2Quantizer,
     QuantConv2d,
     QuantLinear,
     QuantMatMul,
@@ -39,7 +38,9 @@ from .nn import (
     pack_weights,
 )
 from .post_ln import post_ln_treatment
+from .registry import SOFTMAX_QUANTIZERS
 from .reparam import reparam_factors, reparameterize
+from .rounding import weight_rounding
 from .scores import read_scores
 
 __all__ = ["applied_config", "attach_applied_config", "calibrate", "layer_importance",
@@ -107,6 +108,7 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
             shared = SharedInput()
             for name in names:
                 model.get_submodule(name).input_quantizer.shared_input = shared
+    softmax_quantizer = SOFTMAX_QUANTIZERS.get(config.softmax_quantizer)
     conv = model.get_submodule(layout.patch_embed)
     bits = plan[layout.patch_embed]
     model.set_submodule(layout.patch_embed, QuantConv2d.from_conv(conv, bits.w_bits, bits.a_bits, pct))
@@ -114,7 +116,7 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
         module = model.get_submodule(attn)
         module.matmul1 = QuantMatMul(UniformQuantizer(plan[f"{attn}.matmul1"].a_bits, percentiles=pct),
                                      UniformQuantizer(plan[f"{attn}.matmul1"].a_bits, percentiles=pct))
-        module.matmul2 = QuantMatMul(LogSqrt2Quantizer(plan[f"{attn}.softmax"].a_bits, percentiles=pct),
+        module.matmul2 = QuantMatMul(softmax_quantizer(plan[f"{attn}.softmax"].a_bits, percentiles=pct),
                                      UniformQuantizer(plan[f"{attn}.matmul2"].a_bits, percentiles=pct))
     family.install_attention(model, layout)
 
@@ -144,11 +146,13 @@ def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig
 @torch.no_grad()
 def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> None:
     """Calibrate every quantizer of a prepared model in one pass, then reparameterise its post-LayerNorm
-    activations (``repq``/``crl``) and re-calibrate the weights that changed. Weights stay float."""
+    activations (``repq``/``crl``), re-calibrate the weights that changed and round them by
+    ``config.weight_rounding`` (``gptq``: one more pass). Weights are not packed."""
     with calibration(model):
         family.logits(model, pixels)
     if post_ln_treatment(config.post_ln).reparameterises:
         _reparameterize_post_ln(model, layout, config)
+    weight_rounding(config.weight_rounding)(model, family, layout, pixels)
 
 
 def _check_weights(model: nn.Module) -> None:

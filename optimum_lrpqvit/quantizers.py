@@ -28,6 +28,13 @@ __all__ = [
     "quantize_uniform",
     "dequantize_uniform",
     "search_log_sqrt2_delta",
+    "ADALOG_DENOMINATOR",
+    "search_adalog_params",
+    "log_thresholds",
+    "log_levels",
+    "quantize_log",
+    "dequantize_log_shift",
+    "fake_quant_log",
     "log_sqrt2_levels",
     "log_sqrt2_thresholds",
     "quantize_log_sqrt2",
@@ -39,6 +46,7 @@ __all__ = [
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 MIN_BITS, MAX_BITS = 2, 8
+ADALOG_DENOMINATOR = 32  # AdaLog's base 2^(n/d): d table constants at inference, exponents n/d from 1/32 to 2
 _TINY = 1e-8
 
 
@@ -159,25 +167,60 @@ def fake_quant_weight(weight: torch.Tensor, bits: int,
     return fake_quant_uniform(cols, scale, zero, bits).t().reshape(weight.shape)
 
 
-def log_sqrt2_thresholds(delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """The 2^b code boundaries T_k = Δ · 2^(−(k + ½)/2), k = 0 … 2^b − 1 (descending, float32): between the levels
-    of codes k and k + 1, where round(−2·log2(x/Δ)) steps. Computed in float64 and rounded once, so that the codes
-    do not depend on any library's log2."""
+def log_thresholds(delta: torch.Tensor, bits: int, numerator: int, denominator: int) -> torch.Tensor:
+    """The 2^b code boundaries T_k = Δ · 2^(−(k + ½)·e), e = numerator/denominator, k = 0 … 2^b − 1 (descending,
+    float32): between the levels of codes k and k + 1, where round(−log2(x/Δ)/e) steps. Computed in float64 and
+    rounded once, so that the codes do not depend on any library's log2."""
     k = torch.arange(2**bits, dtype=torch.float64, device=delta.device)
-    return (torch.exp2(-(k + 0.5) / 2) * delta.double()).float()
+    return (torch.exp2(-(k + 0.5) * numerator / denominator) * delta.double()).float()
 
 
-def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Log-√2 codes q = round(−2·log2(x/Δ)) clamped to [0, 2^b], computed exactly as q = #{k : x < T_k}
-    (``log_sqrt2_thresholds``); the code 2^b is the zero code (x = 0 or below the smallest boundary). int64."""
-    boundaries = log_sqrt2_thresholds(delta, bits).flip(0).to(x.dtype)
+def quantize_log(x: torch.Tensor, delta: torch.Tensor, bits: int, numerator: int, denominator: int) -> torch.Tensor:
+    """Base-2^e log codes q = round(−log2(x/Δ)/e) clamped to [0, 2^b], e = numerator/denominator, computed exactly
+    as q = #{k : x < T_k} (``log_thresholds``); the code 2^b is the zero code (x = 0 or below the smallest
+    boundary). int64."""
+    boundaries = log_thresholds(delta, bits, numerator, denominator).flip(0).to(x.dtype)
     return 2**bits - torch.bucketize(x, boundaries, right=True)
 
 
+def dequantize_log_shift(q: torch.Tensor, delta: torch.Tensor, bits: int, numerator: int,
+                         denominator: int) -> torch.Tensor:
+    """Inference form of x̂ = Δ · 2^(−q·n/d): Δ · 2^(−⌊q·n/d⌋) · τ[(q·n) mod d] with the d constants
+    τ[j] = 2^(−j/d) (float32): a right shift and one table lookup; 0 for the zero code 2^b. It defines the levels
+    (``log_levels``)."""
+    q = q.to(torch.int64)
+    table = torch.exp2(-torch.arange(denominator, dtype=torch.float64, device=delta.device) / denominator)
+    fraction = table.to(delta.dtype)[(q * numerator) % denominator]
+    shifted = torch.ldexp(torch.ones_like(q, dtype=delta.dtype), -((q * numerator) // denominator))
+    return torch.where(q >= 2**bits, torch.zeros_like(shifted), delta * shifted * fraction)
+
+
+def log_levels(delta: torch.Tensor, bits: int, numerator: int, denominator: int) -> torch.Tensor:
+    """The value of every code, ``(2^b + 1,)``: Δ · 2^(−q·n/d) for q < 2^b (``dequantize_log_shift``), 0 for the
+    zero code 2^b."""
+    return dequantize_log_shift(torch.arange(2**bits + 1, device=delta.device), delta, bits, numerator, denominator)
+
+
+def fake_quant_log(x: torch.Tensor, delta: torch.Tensor, bits: int, numerator: int, denominator: int) -> torch.Tensor:
+    """x̂ = Δ · 2^(−q·n/d) with the codes of ``quantize_log``; codes ≥ 2^b (and x = 0) give 0."""
+    levels = log_levels(delta, bits, numerator, denominator).to(x.dtype)
+    return levels[quantize_log(x, delta, bits, numerator, denominator)]
+
+
+def log_sqrt2_thresholds(delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """``log_thresholds`` of base √2 (e = ½): T_k = Δ · 2^(−(k + ½)/2)."""
+    return log_thresholds(delta, bits, 1, 2)
+
+
+def quantize_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
+    """Log-√2 codes q = round(−2·log2(x/Δ)) clamped to [0, 2^b] (``quantize_log`` with e = ½); 2^b is the zero
+    code. int64."""
+    return quantize_log(x, delta, bits, 1, 2)
+
+
 def log_sqrt2_levels(delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """The value of every code, ``(2^b + 1,)``: Δ · 2^(−q/2) for q < 2^b (as ``dequantize_log_sqrt2_shift``
-    computes it) and 0 for the zero code 2^b."""
-    return dequantize_log_sqrt2_shift(torch.arange(2**bits + 1, device=delta.device), delta, bits)
+    """The value of every code, ``(2^b + 1,)``: Δ · 2^(−q/2) for q < 2^b and 0 for the zero code 2^b."""
+    return log_levels(delta, bits, 1, 2)
 
 
 def dequantize_log_sqrt2(q: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
@@ -186,18 +229,15 @@ def dequantize_log_sqrt2(q: torch.Tensor, delta: torch.Tensor, bits: int) -> tor
 
 
 def dequantize_log_sqrt2_shift(q: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inference form: Δ · 2^(−⌈q/2⌉) · (√2 if q is odd else 1) — a right shift and one constant multiply; it
-    defines the levels (``log_sqrt2_levels``): each is an exact power-of-two scaling of Δ or of Δ·√2."""
-    q = q.to(torch.int64)
-    shifted = torch.ldexp(torch.ones_like(q, dtype=delta.dtype), -((q + 1) // 2))
-    odd = torch.where(q % 2 == 1, torch.tensor(2.0**0.5, dtype=delta.dtype), torch.tensor(1.0, dtype=delta.dtype))
-    return torch.where(q >= 2**bits, torch.zeros_like(shifted), delta * shifted * odd)
+    """Inference form: Δ · 2^(−⌊q/2⌋) · (2^(−½) if q is odd else 1) — a right shift and one constant multiply
+    (``dequantize_log_shift`` with e = ½)."""
+    return dequantize_log_shift(q, delta, bits, 1, 2)
 
 
 def fake_quant_log_sqrt2(x: torch.Tensor, delta: torch.Tensor, bits: int) -> torch.Tensor:
     """x̂ = Δ · 2^(−q/2) with q = clamp(round(−2·log2(x/Δ)), 0, 2^b − 1) (``quantize_log_sqrt2``); codes ≥ 2^b
     (and x = 0) give 0."""
-    return log_sqrt2_levels(delta, bits).to(x.dtype)[quantize_log_sqrt2(x, delta, bits)]
+    return fake_quant_log(x, delta, bits, 1, 2)
 
 
 def search_log_sqrt2_delta(
@@ -215,3 +255,38 @@ def search_log_sqrt2_delta(
         if best_err is None or err < best_err:
             best_err, best_delta = err, delta
     return best_delta.reshape(())
+
+
+def search_adalog_params(
+    x: torch.Tensor, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    denominator: int = ADALOG_DENOMINATOR,
+) -> tuple[torch.Tensor, int]:
+    """AdaLog's adaptive base (Wu et al., ECCV 2024, arXiv 2407.12951), per tensor: the (Δ, n) with the lowest
+    MSE(x, x̂) of ``fake_quant_log(x, Δ, bits, n, denominator)`` over the base exponents n/d, n = 1 … 2d, and
+    Δ = quantile(x, p) for p in ``percentiles`` and p = 1 (the largest value). For non-negative x (post-softmax).
+
+    Exact for every candidate in one sort: the codes are monotone in x, so each code's values are a run of the
+    sorted x, whose squared error to the code's level follows from prefix sums of x and x² (float64)."""
+    cols = _as_columns(x, channelwise=False).reshape(-1)
+    if cols.numel() == 0:
+        raise ValueError("Cannot calibrate a quantizer on an empty tensor.")
+    xs = cols.sort().values
+    wide = xs.double()
+    zero = wide.new_zeros(1)
+    s1, s2 = torch.cat([zero, wide.cumsum(0)]), torch.cat([zero, (wide * wide).cumsum(0)])
+    n = xs.numel()
+    deltas = sorted_quantiles(xs.reshape(-1, 1), [*percentiles, 1.0]).reshape(-1).clamp_min(_TINY)
+    best_err, best = None, None
+    for delta in deltas:
+        for numerator in range(1, 2 * denominator + 1):
+            boundaries = log_thresholds(delta, bits, numerator, denominator).flip(0)  # ascending
+            edges = torch.cat([edges_zero := torch.zeros(1, dtype=torch.long),
+                               torch.searchsorted(xs, boundaries, side="left"), edges_zero + n])
+            count = (edges[1:] - edges[:-1]).double()
+            sum1, sum2 = s1[edges[1:]] - s1[edges[:-1]], s2[edges[1:]] - s2[edges[:-1]]
+            # bucket i (values in [B_{i-1}, B_i)) holds code 2^b − i
+            level = log_levels(delta, bits, numerator, denominator).double().flip(0)
+            err = float((sum2 - 2 * level * sum1 + count * level * level).sum()) / n
+            if best_err is None or err < best_err:
+                best_err, best = err, (delta.reshape(()), numerator)
+    return best

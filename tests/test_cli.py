@@ -1,5 +1,6 @@
 """The command line answers help and bad arguments at once, before torch is imported, naming the flag."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,13 @@ import pytest
 import optimum_lrpqvit_cli as launcher
 from optimum_lrpqvit import cli
 from optimum_lrpqvit.export import onnx
-from optimum_lrpqvit.registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS
+from optimum_lrpqvit.registry import (
+    ALLOCATION_RULES,
+    IMPORTANCE_CRITERIA,
+    POST_LN_TREATMENTS,
+    SOFTMAX_QUANTIZERS,
+    WEIGHT_ROUNDINGS,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
@@ -36,6 +43,8 @@ def _launch(*args, cwd=ROOT, env=None):
 def test_the_launcher_knows_the_registered_names_and_export_limits():
     assert set(launcher.POST_LN_TREATMENTS) == set(POST_LN_TREATMENTS.names())
     assert set(launcher.ALLOCATION_RULES) == set(ALLOCATION_RULES.names())
+    assert launcher.SOFTMAX_QUANTIZERS == SOFTMAX_QUANTIZERS.names()
+    assert launcher.WEIGHT_ROUNDINGS == WEIGHT_ROUNDINGS.names()
     assert set(launcher.IMPORTANCE_CRITERIA) == set(IMPORTANCE_CRITERIA.names())
     assert launcher.WEIGHT_CODES == onnx.WEIGHT_CODES
     assert (launcher.DEFAULT_OPSET, launcher.MIN_OPSET, launcher.MAX_OPSET) == (
@@ -86,6 +95,15 @@ def test_an_output_directory_of_an_earlier_run_needs_overwrite(tmp_path, capsys)
     assert cli.main(["quantize", float_dir, str(tmp_path / "out"), "--overwrite", "--w-bits", "8",
                      "--num-calibration-samples", "4"]) == 0
     assert '"w_bits": 8' in (tmp_path / "out" / "config.json").read_text()
+
+
+def test_the_accuracy_options_reach_the_saved_config(tmp_path):
+    float_dir = models.save_checkpoint(models.hf_vit(), tmp_path / "float")
+    assert cli.main(["quantize", float_dir, str(tmp_path / "out"), "--num-calibration-samples", "4",
+                     "--softmax-quantizer", "adalog", "--weight-rounding", "gptq"]) == 0
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert (saved["softmax_quantizer"], saved["weight_rounding"]) == ("adalog", "gptq")
+    assert "AdaLog attention probabilities" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_library_errors_name_the_flags():

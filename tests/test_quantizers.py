@@ -6,14 +6,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrpqvit.quantizers import (
+    ADALOG_DENOMINATOR,
+    DEFAULT_PERCENTILES,
     check_bits,
+    dequantize_log_shift,
     dequantize_log_sqrt2,
     dequantize_log_sqrt2_shift,
     dequantize_uniform,
+    fake_quant_log,
     fake_quant_log_sqrt2,
     fake_quant_uniform,
+    quantize_log,
     quantize_log_sqrt2,
     quantize_uniform,
+    search_adalog_params,
     search_log_sqrt2_delta,
     search_uniform_params,
     sorted_quantiles,
@@ -145,3 +151,73 @@ def test_bits_outside_2_to_8_are_rejected(bad):
 def test_empty_tensor_cannot_be_calibrated():
     with pytest.raises(ValueError, match="empty"):
         search_uniform_params(torch.empty(0, 3), 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 64), d=st.sampled_from([2, 7, 32]))
+def test_log_shift_form_is_the_power_form(bits, n, d):
+    delta = torch.tensor(0.81)
+    codes = torch.arange(2**bits + 1)
+    levels = dequantize_log_shift(codes, delta, bits, n, d).double()
+    expected = 0.81 * torch.exp2(-codes.double() * n / d)
+    expected[-1] = 0.0
+    normal = expected >= torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(levels[normal], expected[normal], rtol=2e-7, atol=0)
+    assert levels[-1] == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 64),
+       xs=st.lists(st.floats(1e-6, 1.0), min_size=1, max_size=64))
+def test_log_codes_round_the_log_to_the_nearest_code(bits, n, xs):
+    x, delta, e = torch.tensor(xs), torch.tensor(0.9), n / ADALOG_DENOMINATOR
+    codes = quantize_log(x, delta, bits, n, ADALOG_DENOMINATOR)
+    exact = -torch.log2(x.double() / 0.9) / e
+    away = ((exact - exact.floor()) - 0.5).abs() > 1e-4  # not within float rounding of a boundary
+    expected = exact.round().clamp(0, 2**bits)
+    assert torch.equal(codes[away], expected[away].long())
+
+
+def test_log_sqrt2_is_the_log_quantizer_of_exponent_one_half():
+    x = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    delta = torch.tensor(0.7)
+    assert torch.equal(fake_quant_log_sqrt2(x, delta, 4), fake_quant_log(x, delta, 4, 1, 2))
+
+
+def _brute_force_adalog(x, bits, percentiles):
+    xs = x.reshape(-1, 1).sort(0).values
+    best = None
+    for delta in sorted_quantiles(xs, [*percentiles, 1.0]).reshape(-1).clamp_min(1e-8):
+        for n in range(1, 2 * ADALOG_DENOMINATOR + 1):
+            err = (fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR) - x).double().pow(2).mean().item()
+            if best is None or err < best[0] * (1 - 1e-9):
+                best = (err, float(delta), n)
+    return best
+
+
+@settings(max_examples=15, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10**6), temperature=st.floats(0.5, 5))
+def test_adalog_search_finds_the_lowest_error_base(bits, seed, temperature):
+    x = torch.softmax(torch.randn(6, 30, generator=torch.Generator().manual_seed(seed)) * temperature, -1)
+    delta, n = search_adalog_params(x, bits)
+    err = (fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR) - x).double().pow(2).mean().item()
+    assert err <= _brute_force_adalog(x, bits, DEFAULT_PERCENTILES)[0] * (1 + 1e-6) + 1e-15
+
+
+@settings(max_examples=20, deadline=None)
+@given(bits=st.integers(2, 8), seed=st.integers(0, 10**6), temperature=st.floats(0.5, 5))
+def test_adalog_is_never_worse_than_log_sqrt2(bits, seed, temperature):
+    """Log-√2 (n/d = ½, the same Δ candidates) is one of AdaLog's candidates."""
+    x = torch.softmax(torch.randn(8, 40, generator=torch.Generator().manual_seed(seed)) * temperature, -1)
+    delta, n = search_adalog_params(x, bits)
+    adalog = (fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR) - x).double().pow(2).mean().item()
+    sqrt2 = (fake_quant_log_sqrt2(x, search_log_sqrt2_delta(x, bits), bits) - x).double().pow(2).mean().item()
+    assert adalog <= sqrt2 * (1 + 1e-6) + 1e-15
+
+
+def test_adalog_spends_8_bits_on_resolution():
+    x = torch.softmax(torch.randn(16, 4, 50, 50, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    delta, n = search_adalog_params(x, 8)
+    adalog = (fake_quant_log(x, delta, 8, n, ADALOG_DENOMINATOR) - x).pow(2).mean()
+    sqrt2 = (fake_quant_log_sqrt2(x, search_log_sqrt2_delta(x, 8), 8) - x).pow(2).mean()
+    assert n < ADALOG_DENOMINATOR // 2 and adalog < sqrt2 / 10

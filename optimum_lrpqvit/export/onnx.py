@@ -26,9 +26,9 @@ https://onnx.ai/onnx/operators/), so that a runtime with integer kernels (ONNX R
   type per output channel, feeding ``DequantizeLinear``: a Linear's codes are stored as ``(in, out)``
   (``axis=1``, the layout of the right operand of ``MatMul``, which integer MatMul kernels take per column),
   the convolution's as ``(out, in, kh, kw)`` (``axis=0``). No float copy of a quantized weight is written;
-* the log-√2 quantized attention probabilities are written as the float operations they are
-  (docs/method.md#quantizers, "Log-√2 quantizer"): the code from ``Log`` and ``Round``, the level from ``Exp``
-  (see ``_LogSqrt2``; a value within float32 rounding of a code boundary may take the neighbouring code).
+* the log-quantized attention probabilities (log-√2, or AdaLog's base 2^(n/d)) are written as the float
+  operations they are (docs/method.md#quantizers): the code from ``Log`` and ``Round``, the level from ``Exp``
+  (see ``_LogQuant``; a value within float32 rounding of a code boundary may take the neighbouring code).
 
 The export uses torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) with the QDQ
 nodes emitted by the ``symbolic`` methods of private ``torch.autograd.Function`` classes: those are looked up
@@ -57,10 +57,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import Family, find_family
-from ..nn import LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, UniformQuantizer, packed_weight_tensors
+from ..nn import (
+    AdaLogQuantizer,
+    LogSqrt2Quantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    UniformQuantizer,
+    packed_weight_tensors,
+)
 from ..packing import unpack_codes
 from ..quantize import applied_config
-from ..quantizers import fake_quant_log_sqrt2
+from ..quantizers import fake_quant_log
 
 __all__ = ["DEFAULT_OPSET", "INSTALL_HINT", "MAX_OPSET", "MIN_OPSET", "WEIGHT_CODES", "compare_with_onnxruntime",
            "example_input_shape", "export_onnx"]
@@ -128,33 +136,36 @@ class _DequantizeWeight(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
-class _LogSqrt2(torch.autograd.Function):
-    """Log-√2 fake quantization (``quantizers.fake_quant_log_sqrt2``) as the float operations it is::
+class _LogQuant(torch.autograd.Function):
+    """Log fake quantization of base 2^e, e = n/d (``quantizers.fake_quant_log``; log-√2 is e = ½), as the float
+    operations it is::
 
-        q  = Clip(Round(Log(x) · (−2 / ln 2) + 2·log2 Δ), 0, 2^b)        (x = 0: Log = −inf → q = 2^b)
-        x̂  = Exp(q · (−ln 2 / 2) + ln Δ) · Clip(2^b − q, 0, 1)           (the zero code 2^b gives 0)
+        q  = Clip(Round(Log(x) · (−1 / (e · ln 2)) + log2 Δ / e), 0, 2^b)     (x = 0: Log = −inf → q = 2^b)
+        x̂  = Exp(q · (−e · ln 2) + ln Δ) · Clip(2^b − q, 0, 1)                (the zero code 2^b gives 0)
 
     Eleven element-wise passes over the largest tensor of the network, none of them a Gather or a comparison
     (ONNX Runtime's per-element Gather and boolean kernels cost 3–4× a float pass at this size). ``Log`` and
     ``Exp`` round differently from the library's float64-derived boundaries and levels
-    (``quantizers.log_sqrt2_thresholds``, ``log_sqrt2_levels``): a probability within float32 rounding of a
-    boundary may take the neighbouring code (13 of 7.45 million softmax values at 8 bits, none at 4:
+    (``quantizers.log_thresholds``, ``log_levels``): a probability within float32 rounding of a boundary may take
+    the neighbouring code (log-√2: 13 of 7.45 million softmax values at 8 bits, none at 4:
     ``benchmarks/log_sqrt2_onnx.py``), and the levels are within 1.5e-6 relative of the library's.
     """
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor, delta: float, bits: int) -> torch.Tensor:
-        return fake_quant_log_sqrt2(x, torch.tensor(delta, dtype=x.dtype, device=x.device), bits)
+    def forward(ctx: object, x: torch.Tensor, delta: float, bits: int, numerator: int,
+                denominator: int) -> torch.Tensor:
+        return fake_quant_log(x, torch.tensor(delta, dtype=x.dtype, device=x.device), bits, numerator, denominator)
 
     @staticmethod
-    def symbolic(g: object, x: object, delta: float, bits: int) -> object:
+    def symbolic(g: object, x: object, delta: float, bits: int, numerator: int, denominator: int) -> object:
         def f32(value: float) -> object:
             return _const(g, torch.tensor(value, dtype=torch.float32))
 
+        e = numerator / denominator
         zero, top = f32(0.0), f32(float(2**bits))
-        code = g.op("Add", g.op("Mul", g.op("Log", x), f32(-2.0 / math.log(2.0))), f32(2.0 * math.log2(delta)))
+        code = g.op("Add", g.op("Mul", g.op("Log", x), f32(-1.0 / (e * math.log(2.0)))), f32(math.log2(delta) / e))
         code = g.op("Clip", g.op("Round", code), zero, top)
-        level = g.op("Exp", g.op("Add", g.op("Mul", code, f32(-math.log(2.0) / 2.0)), f32(math.log(delta))))
+        level = g.op("Exp", g.op("Add", g.op("Mul", code, f32(-e * math.log(2.0))), f32(math.log(delta))))
         return g.op("Mul", level, g.op("Clip", g.op("Sub", top, code), zero, f32(1.0)))
 
 
@@ -259,8 +270,9 @@ def _uniform_forward(self: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
     return cache[key][1]
 
 
-def _log_sqrt2_forward(self: LogSqrt2Quantizer, x: torch.Tensor) -> torch.Tensor:
-    return _LogSqrt2.apply(x, self.__dict__["_onnx_delta"], self.bits)
+def _log_forward(self: LogSqrt2Quantizer | AdaLogQuantizer, x: torch.Tensor) -> torch.Tensor:
+    delta, numerator, denominator = self.__dict__["_onnx_log"]
+    return _LogQuant.apply(x, delta, self.bits, numerator, denominator)
 
 
 def _linear_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -317,9 +329,12 @@ class _Patched:
             module.__dict__.pop(name, None)
 
 
+_LOG_QUANTIZERS = (LogSqrt2Quantizer, AdaLogQuantizer)
+
+
 def _plan_and_patch(model: nn.Module, patched: _Patched, weight_codes: str) -> None:
     """Check every point, then install the export forwards (ValueError before any module is changed)."""
-    quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, LogSqrt2Quantizer))]
+    quantizers = [(n, m) for n, m in model.named_modules() if isinstance(m, (UniformQuantizer, *_LOG_QUANTIZERS))]
     weights = [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     if not weights or not any(isinstance(m, QuantMatMul) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no quantized modules; quantize it with "
@@ -331,14 +346,15 @@ def _plan_and_patch(model: nn.Module, patched: _Patched, weight_codes: str) -> N
     for name, q in quantizers:
         if q in (getattr(m, "weight_quantizer", None) for _, m in weights):
             continue
-        if isinstance(q, LogSqrt2Quantizer):
+        if isinstance(q, _LOG_QUANTIZERS):
             if not q.enabled or not q.calibrated:
-                raise ValueError(f"{name}: the log-√2 quantizer is disabled or not calibrated; export_onnx "
+                raise ValueError(f"{name}: the log quantizer is disabled or not calibrated; export_onnx "
                                  "exports enabled, calibrated quantizers only.")
             delta = q.delta.detach().float().cpu()
             if not bool(torch.isfinite(delta)) or float(delta) <= 0:
-                raise ValueError(f"{name}: non-positive or non-finite log-√2 Δ; a positive finite Δ is supported.")
-            plans[id(q)] = delta
+                raise ValueError(f"{name}: non-positive or non-finite log Δ; a positive finite Δ is supported.")
+            base = (int(q.numerator), q.denominator) if isinstance(q, AdaLogQuantizer) else (1, 2)
+            plans[id(q)] = (float(delta), *base)
         elif q.channelwise:
             raise ValueError(f"{name}: channel-wise activation scales (post_ln='channelwise') lie on the reduction "
                              "axis of the matmul, which integer kernels cannot take; export_onnx supports per-tensor "
@@ -354,9 +370,9 @@ def _plan_and_patch(model: nn.Module, patched: _Patched, weight_codes: str) -> N
         plan = plans.get(id(q))
         if plan is None:
             continue
-        if isinstance(q, LogSqrt2Quantizer):
-            patched.attr(q, "_onnx_delta", float(plan))
-            patched.forward(q, _log_sqrt2_forward)
+        if isinstance(q, _LOG_QUANTIZERS):
+            patched.attr(q, "_onnx_log", plan)
+            patched.forward(q, _log_forward)
         else:
             patched.attr(q, "_onnx_plan", plan)
             patched.attr(q, "_onnx_cache", cache)

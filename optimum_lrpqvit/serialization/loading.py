@@ -16,7 +16,7 @@ from ..architectures import Layout, find_family, transformers_class
 from ..bit_plan import BitPlan
 from ..config import LRPQConfig
 from ..nn import (
-    LogSqrt2Quantizer,
+    AdaLogQuantizer,
     QuantConv2d,
     QuantLinear,
     QuantMatMul,
@@ -63,6 +63,12 @@ def _activation_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Mo
             owners[f"{name}.quantizer_a"] = (module.quantizer_a, module)
             owners[f"{name}.quantizer_b"] = (module.quantizer_b, module)
     return owners
+
+
+def _quantizer_leaves(quantizer: nn.Module) -> tuple[str, ...]:
+    if isinstance(quantizer, UniformQuantizer):
+        return "scale", "zero_point"
+    return ("delta", "numerator") if isinstance(quantizer, AdaLogQuantizer) else ("delta",)
 
 
 def _quantizer_shapes(quantizer: nn.Module, owner: nn.Module) -> tuple[tuple[int, ...], ...]:
@@ -123,8 +129,7 @@ def prepare_packed_loading(model: nn.Module, config: LRPQConfig, tensors: Mappin
         zero_dtype = stored.dtype if stored is not None and stored.dtype == torch.float32 else torch.int16
         _to_packed_form(module, plan[name].w_bits, zero_dtype)
     for name, (quantizer, owner) in _activation_quantizers(model).items():
-        leaves = ("delta",) if isinstance(quantizer, LogSqrt2Quantizer) else ("scale", "zero_point")
-        for tensor in leaves:
+        for tensor in _quantizer_leaves(quantizer):
             key, current = f"{name}.{tensor}", getattr(quantizer, tensor)
             stored = specs.get(key)
             shape = stored.shape if stored is not None else ()
@@ -193,8 +198,9 @@ def finish_packed_loading(model: nn.Module, source: str = "checkpoint") -> None:
 
 def _check_values(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,
                   label: Callable[[str], str]) -> None:
-    """ValueError unless every float tensor is finite, every scale and log-√2 Δ positive and every zero point an
-    integer within ±2^15 (what calibration gives and the format stores), before anything is loaded."""
+    """ValueError unless every float tensor is finite, every scale and log Δ positive, every zero point an
+    integer within ±2^15 and every AdaLog numerator an integer in [1, 2d] (what calibration gives and the format
+    stores), before anything is loaded."""
     def bad(key: str, what: str) -> ValueError:
         return ValueError(f"{source}: {label(key)} {what}; the file is corrupted; {RESAVE}.")
 
@@ -205,8 +211,15 @@ def _check_values(model: nn.Module, tensors: Mapping[str, torch.Tensor], source:
     for name, (quantizer, _) in _activation_quantizers(model).items():
         if isinstance(quantizer, UniformQuantizer):
             pairs.append((f"{name}.scale", f"{name}.zero_point"))
-        elif not bool((tensors[f"{name}.delta"] > 0).all()):
+            continue
+        if not bool((tensors[f"{name}.delta"] > 0).all()):
             raise bad(f"{name}.delta", "is not positive")
+        if isinstance(quantizer, AdaLogQuantizer):
+            numerator = tensors[f"{name}.numerator"].float()
+            if not (torch.equal(numerator, numerator.round())
+                    and bool(((numerator >= 1) & (numerator <= 2 * quantizer.denominator)).all())):
+                raise bad(f"{name}.numerator", f"is not an integer between 1 and {2 * quantizer.denominator} (the "
+                                               "AdaLog base exponent's numerator)")
     for scale_key, zero_key in pairs:
         zero_point = tensors[zero_key].float()
         if not bool((tensors[scale_key] > 0).all()):

@@ -1,0 +1,149 @@
+"""This library against the quantizers users would pick instead, side by side in one run.
+
+    pip install optimum-quanto torchao   # optional benchmark dependencies
+    python benchmarks/peers.py [--models reference_models/vit-fashion-mnist ...] [--num-eval 2000] [--seed 0]
+
+On every reference model, the same 32 seeded calibration images from the train split and the first `--num-eval`
+test images: full precision, then at W8/A8 and W4/A8
+
+* this library (`quantize`, every Linear, the patch embedding and both attention matmuls quantized, activations
+  static per tensor): the paper's default (CRL, log-√2 probabilities, round-to-nearest weights) and the options
+  `softmax_quantizer="adalog"`, `weight_rounding="gptq"` and `post_ln="repq"`, alone and combined;
+* optimum-quanto (`quantize(weights=qint8|qint4, activations=qint8)` + `Calibration`, static activation scales on
+  the Linear layers; attention matmuls in float);
+* torchao (`Int8DynamicActivationInt8WeightConfig`, and `Int8DynamicActivationIntxWeightConfig(torch.int4)` per
+  output channel: activations quantized per token at run time, no calibration; Linear layers only).
+
+Top-1, agreement with full precision and KL(FP ‖ q); results in benchmarks/results/peers.{json,md}. A model's
+runs are measured again only when its weights changed (the JSON records them by checksum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageClassification
+
+from optimum_lrpqvit import LRPQConfig, quantize
+from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
+from optimum_lrpqvit.evaluation import fidelity
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = [f"reference_models/{name}-fashion-mnist" for name in ("vit", "deit", "swin", "timm-vit")]
+OURS = {
+    "default": {},
+    "adalog": {"softmax_quantizer": "adalog"},
+    "gptq": {"weight_rounding": "gptq"},
+    "repq": {"post_ln": "repq"},
+    "adalog+gptq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq"},
+    "adalog+gptq+repq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq"},
+}
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, pixels: torch.Tensor, batch: int = 250) -> torch.Tensor:
+    return torch.cat([model(pixel_values=pixels[i:i + batch]).logits.float() for i in range(0, len(pixels), batch)])
+
+
+def quanto(model: torch.nn.Module, w_bits: int, calibration: torch.Tensor) -> torch.nn.Module:
+    from optimum.quanto import Calibration, freeze, qint4, qint8
+    from optimum.quanto import quantize as quanto_quantize
+
+    quanto_quantize(model, weights=qint8 if w_bits == 8 else qint4, activations=qint8)
+    with Calibration():
+        logits_of(model, calibration)
+    freeze(model)
+    return model
+
+
+def torchao(model: torch.nn.Module, w_bits: int, calibration: torch.Tensor) -> torch.nn.Module:
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8DynamicActivationIntxWeightConfig,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerAxis
+
+    config = (Int8DynamicActivationInt8WeightConfig() if w_bits == 8 else
+              Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerAxis(0)))
+    quantize_(model, config)
+    return model
+
+
+def ours(options: dict, w_bits: int, calibration: torch.Tensor):
+    def run(model: torch.nn.Module, *_: object) -> torch.nn.Module:
+        return quantize(model, LRPQConfig(w_bits=w_bits, a_bits=8, **options), calibration)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--num-eval", type=int, default=2000)
+    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    out_json = RESULTS / "peers.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    data = load_fashion_mnist()
+    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(args.seed))
+    for model_dir in args.models:
+        name = Path(model_dir).name
+        weights = hashlib.sha256((ROOT / model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+        entry = results.get(name, {})
+        if entry.get("model_sha256") != weights or entry.get("num_eval") != args.num_eval:
+            entry = {"model_sha256": weights, "num_eval": args.num_eval, "runs": {}}
+        processor = load_image_processor(ROOT / model_dir)
+        pixels, labels = preprocess(data["test"].select(range(args.num_eval)), processor)
+        calibration, _ = preprocess(data["train"].select(order[:args.num_calibration].tolist()), processor)
+        base = AutoModelForImageClassification.from_pretrained(ROOT / model_dir).eval()
+        reference = logits_of(base, pixels)
+        entry["full_precision"] = fidelity(reference, labels)
+        for w_bits in (8, 4):
+            methods = {f"lrpqvit {k}": ours(v, w_bits, calibration) for k, v in OURS.items()}
+            methods |= {"optimum-quanto": quanto, "torchao dynamic": torchao}
+            for method, run in methods.items():
+                key = f"W{w_bits}/A8 {method}"
+                if key in entry["runs"]:
+                    continue
+                start = time.perf_counter()
+                model = run(copy.deepcopy(base), w_bits, calibration)
+                seconds = time.perf_counter() - start
+                entry["runs"][key] = fidelity(logits_of(model, pixels), labels, reference) | {
+                    "quantize_seconds": round(seconds, 2)}
+                print(f"{name} {key}: {entry['runs'][key]}", file=sys.stderr, flush=True)
+                entry["command"] = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
+                results[name] = entry
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                out_json.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results)
+
+
+def write_markdown(results: dict) -> None:
+    keys = list(next(iter(results.values()))["runs"])
+    lines = ["Made with `python benchmarks/peers.py` (the command of each model's run is in peers.json). "
+             "KL(FP ‖ q) / top-1 agreement with full precision (%) on the first "
+             f"{next(iter(results.values()))['num_eval']} test images; 32 calibration images.", ""]
+    for w_bits in (8, 4):
+        cols = [k for k in keys if k.startswith(f"W{w_bits}/")]
+        lines += ["| model | FP top-1 | " + " | ".join(c.split(" ", 1)[1] for c in cols) + " |",
+                  "|---|---|" + "---|" * len(cols)]
+        for name, entry in results.items():
+            cells = [f"{entry['runs'][c]['kl']:.4f} / {entry['runs'][c]['agreement']:.2f}" if c in entry["runs"]
+                     else "–" for c in cols]
+            lines.append(f"| {name} W{w_bits}/A8 | {entry['full_precision']['top1']:.2f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (RESULTS / "peers.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
