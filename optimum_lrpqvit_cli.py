@@ -19,7 +19,7 @@ import urllib.parse
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
 __all__ = ["ALLOCATION_RULES", "IMPORTANCE_CRITERIA", "LRPQVitOptimumCommand", "POST_LN_TREATMENTS",
-           "SOFTMAX_QUANTIZERS", "UsageError", "WEIGHT_ROUNDINGS",
+           "GELU_QUANTIZERS", "SOFTMAX_QUANTIZERS", "UsageError", "WEIGHT_ROUNDINGS",
            "add_commands", "build_parser", "check_arguments", "main", "run"]
 
 # the names registered by optimum_lrpqvit (tests/test_cli.py checks that they are the same); commands run in a
@@ -27,6 +27,7 @@ __all__ = ["ALLOCATION_RULES", "IMPORTANCE_CRITERIA", "LRPQVitOptimumCommand", "
 POST_LN_TREATMENTS = ("crl", "repq", "channelwise", "layerwise")
 ALLOCATION_RULES = ("paper", "budget")
 SOFTMAX_QUANTIZERS = ("log_sqrt2", "adalog")
+GELU_QUANTIZERS = ("uniform", "adalog")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 IMPORTANCE_CRITERIA = ("lrp", "lrp_per_role", "fisher", "random", "uniform")
 WEIGHT_CODES = ("auto", "int8", "uint8")
@@ -103,6 +104,7 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
                  allocation: tuple[str, ...] = ALLOCATION_RULES,
                  importance: tuple[str, ...] = IMPORTANCE_CRITERIA,
                  softmax_quantizer: tuple[str, ...] = SOFTMAX_QUANTIZERS,
+                 gelu_quantizer: tuple[str, ...] = GELU_QUANTIZERS,
                  weight_rounding: tuple[str, ...] = WEIGHT_ROUNDINGS) -> None:
     """Add the subcommands to ``parser`` (``args.command`` names the one chosen); the strategy names default to
     those optimum-lrpqvit registers."""
@@ -124,6 +126,9 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
     q.add_argument("--softmax-quantizer", default="log_sqrt2", choices=softmax_quantizer,
                    help="attention-probability quantizer: log_sqrt2, or adalog (base searched per layer; better at "
                         "6-8 bits) (default: %(default)s)")
+    q.add_argument("--gelu-quantizer", default="uniform", choices=gelu_quantizer,
+                   help="quantizer of the post-GELU activations (fc2 inputs): uniform, or adalog (shifted log grid; "
+                        "ONNX then runs fc2 in float) (default: %(default)s)")
     q.add_argument("--weight-rounding", default="nearest", choices=weight_rounding,
                    help="weight rounding: nearest, or gptq (error-compensating, one more calibration pass) "
                         "(default: %(default)s)")

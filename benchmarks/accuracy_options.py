@@ -3,9 +3,10 @@
     python benchmarks/accuracy_options.py [--models ...] [--bits 3 4 6] [--methods ...] [--seeds 0 1 2]
         [--num-eval 10000]
 
-For each reference model and W = A = b: CRL as the paper (log-√2 probabilities, round-to-nearest weights), then
-with `softmax_quantizer="adalog"`, with `weight_rounding="gptq"`, with both, and with both and LRP mixed
-precision (paper rule, 256 importance images). 32 calibration images per seed from the train split; evaluated on
+For each reference model and W = A = b: CRL as the paper (log-√2 probabilities, uniform post-GELU activations,
+round-to-nearest weights), then with `softmax_quantizer="adalog"`, `gelu_quantizer="adalog"` or
+`weight_rounding="gptq"` alone, with all three, and with all three and LRP mixed precision (paper rule, 256
+importance images). 32 calibration images per seed from the train split; evaluated on
 the test images (top-1, agreement with full precision, KL(FP ‖ quantized)) with the quantization time
 (`quantize_seconds`, calibration and rounding). Writes benchmarks/results/accuracy_options.json and .md.
 """
@@ -16,12 +17,14 @@ import argparse
 
 from accuracy import Job, default_models, run_jobs, write_markdown
 
+ALL = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weight_rounding": "gptq"}
 METHODS = {
     "crl": {},
     "crl adalog": {"softmax_quantizer": "adalog"},
+    "crl adalog-gelu": {"gelu_quantizer": "adalog"},
     "crl gptq": {"weight_rounding": "gptq"},
-    "crl adalog gptq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq"},
-    "crl adalog gptq lrp paper": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "mixed_precision": True},
+    "crl all three": ALL,
+    "crl all three lrp paper": {**ALL, "mixed_precision": True},
 }
 
 

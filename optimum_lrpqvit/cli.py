@@ -29,7 +29,14 @@ from .export import compare_with_onnxruntime, example_input_shape, export_onnx
 from .hub import push_directory, save_quantized_model
 from .jobs import load_float_model, quantize_from_dataset
 from .quantize import applied_config
-from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDINGS
+from .registry import (
+    ALLOCATION_RULES,
+    GELU_QUANTIZERS,
+    IMPORTANCE_CRITERIA,
+    POST_LN_TREATMENTS,
+    SOFTMAX_QUANTIZERS,
+    WEIGHT_ROUNDINGS,
+)
 from .scoring import score_importance
 from .serialization import load_quantized
 
@@ -40,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``lrpqvit`` parser with the strategies registered in this process."""
     return launcher.build_parser(post_ln=POST_LN_TREATMENTS.names(), allocation=ALLOCATION_RULES.names(),
                                  importance=IMPORTANCE_CRITERIA.names(), softmax_quantizer=SOFTMAX_QUANTIZERS.names(),
-                                 weight_rounding=WEIGHT_ROUNDINGS.names())
+                                 gelu_quantizer=GELU_QUANTIZERS.names(), weight_rounding=WEIGHT_ROUNDINGS.names())
 
 
 def _load_dataset(args: argparse.Namespace, split: str, num_samples: int | None):
@@ -124,7 +131,8 @@ def quantize_command(args: argparse.Namespace) -> int:
     scores = None if criterion == args.importance else args.importance
     options = {} if args.candidate_bits is None else {"candidate_bits": args.candidate_bits}
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
-                        softmax_quantizer=args.softmax_quantizer, weight_rounding=args.weight_rounding,
+                        softmax_quantizer=args.softmax_quantizer, gelu_quantizer=args.gelu_quantizer,
+                        weight_rounding=args.weight_rounding,
                         mixed_precision=args.mixed_precision or scores is not None, allocation=args.allocation,
                         importance=criterion, importance_scores=scores, seed=args.seed, dataset=args.dataset,
                         dataset_split=args.split, num_calibration_samples=args.num_calibration_samples,
@@ -158,6 +166,7 @@ def quantize_command(args: argparse.Namespace) -> int:
                    "full_precision": fp_results, "quantized": q_results}
         label = " ".join([f"W{args.w_bits}/A{args.a_bits} {args.post_ln}",
                           *([args.softmax_quantizer] if args.softmax_quantizer != "log_sqrt2" else []),
+                          *([f"gelu {args.gelu_quantizer}"] if args.gelu_quantizer != "uniform" else []),
                           *([args.weight_rounding] if args.weight_rounding != "nearest" else []),
                           *([f"{applied.importance} mixed ({applied.allocation})"] if applied.mixed_precision else [])])
         _print_table([("full precision", results["full_precision"]), (label, results["quantized"])],
@@ -234,7 +243,8 @@ COMMANDS = {"quantize": quantize_command, "score": score_command, "evaluate": ev
             "push": push_command, "export": export_command}
 # Python names in the library's messages → the flags a command-line user typed
 _FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "post_ln": "--post-ln", "crl_k": "--crl-k",
-          "softmax_quantizer": "--softmax-quantizer", "weight_rounding": "--weight-rounding",
+          "softmax_quantizer": "--softmax-quantizer", "gelu_quantizer": "--gelu-quantizer",
+          "weight_rounding": "--weight-rounding",
           "candidate_bits": "--candidate-bits", "num_importance_samples": "--num-importance-samples",
           "num_calibration_samples": "--num-calibration-samples", "importance_scores": "--importance",
           "dataset_split": "--split", "split=": "--split ", "batch_size": "--batch-size",

@@ -13,7 +13,14 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .allocation import DEFAULT_CANDIDATES
 from .quantizers import DEFAULT_PERCENTILES, check_bits
-from .registry import ALLOCATION_RULES, IMPORTANCE_CRITERIA, POST_LN_TREATMENTS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDINGS
+from .registry import (
+    ALLOCATION_RULES,
+    GELU_QUANTIZERS,
+    IMPORTANCE_CRITERIA,
+    POST_LN_TREATMENTS,
+    SOFTMAX_QUANTIZERS,
+    WEIGHT_ROUNDINGS,
+)
 from .scores import check_scores
 
 __all__ = ["FORMAT_VERSION", "LRPQConfig", "QUANT_METHOD"]
@@ -60,6 +67,9 @@ class LRPQConfig(QuantizationConfigMixin):
         softmax_quantizer (`str`, *optional*, defaults to `"log_sqrt2"`):
             Attention probabilities: `"log_sqrt2"` (x̂ = Δ·2^(−q/2), RepQ-ViT and LRP-QViT) or `"adalog"` (AdaLog's
             base 2^(−n/32), n searched per layer with Δ; finer than √2 where there are codes to spare).
+        gelu_quantizer (`str`, *optional*, defaults to `"uniform"`):
+            Inputs of the MLPs' second Linear (post-GELU): `"uniform"` (per tensor), or `"adalog"` (AdaLog on the
+            activations shifted by their minimum, base and Δ searched per layer).
         weight_rounding (`str`, *optional*, defaults to `"nearest"`):
             `"nearest"`, or `"gptq"`: GPTQ's error-compensating rounding on each layer's calibration inputs
             (one more forward pass of the calibration images).
@@ -111,6 +121,7 @@ class LRPQConfig(QuantizationConfigMixin):
         post_ln: str = "crl",
         crl_k: float = 2.0,
         softmax_quantizer: str = "log_sqrt2",
+        gelu_quantizer: str = "uniform",
         weight_rounding: str = "nearest",
         percentiles: list[float] | tuple[float, ...] = DEFAULT_PERCENTILES,
         mixed_precision: bool = False,
@@ -140,6 +151,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.post_ln = post_ln
         self.crl_k = crl_k
         self.softmax_quantizer = softmax_quantizer
+        self.gelu_quantizer = gelu_quantizer
         self.weight_rounding = weight_rounding
         self.percentiles = _number_list(percentiles, "percentiles")
         self.mixed_precision = mixed_precision
@@ -198,6 +210,7 @@ class LRPQConfig(QuantizationConfigMixin):
             raise ValueError(f"crl_k must be a positive finite number, got {self.crl_k!r} "
                              "(use post_ln='repq' for no clipping).")
         SOFTMAX_QUANTIZERS.get(self.softmax_quantizer)
+        GELU_QUANTIZERS.get(self.gelu_quantizer)
         WEIGHT_ROUNDINGS.get(self.weight_rounding)
         self.percentiles = _number_list(self.percentiles, "percentiles")
         self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import QuantLinear, weight_modules
+from .nn import QuantLinear, UniformQuantizer, weight_modules
 from .packing import unpack_codes
 
 __all__ = ["int_mm_linear", "int_mm_supported", "use_integer_matmul"]
@@ -77,7 +77,8 @@ def _integer_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     out, fan_in = self.weight_shape
     rows = math.prod(x.shape[:-1])
     zero_point = self.weight_zero_point
-    if (quantizer.channelwise or not quantizer.enabled or not quantizer.calibrated or quantizer.calibrating
+    if (not isinstance(quantizer, UniformQuantizer) or quantizer.channelwise or not quantizer.enabled
+            or not quantizer.calibrated or quantizer.calibrating
             or not int_mm_supported(rows, fan_in, out, x.device) or not torch.equal(zero_point, zero_point.round())):
         return F.linear(quantizer(x), self.quantized_weight(), self.bias)
     return int_mm_linear(x, float(quantizer.scale), int(quantizer.zero_point), quantizer.bits, _codes(self),

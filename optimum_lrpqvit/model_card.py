@@ -62,6 +62,8 @@ def _method_line(config: LRPQConfig) -> str:
                  "layerwise": "per-tensor post-LayerNorm activation scales"}.get(config.post_ln, config.post_ln)
     probabilities = ("AdaLog attention probabilities (log base searched per layer)"
                      if config.softmax_quantizer == "adalog" else "log-√2 attention probabilities")
+    if config.gelu_quantizer == "adalog":
+        probabilities += ", AdaLog post-GELU activations"
     if config.weight_rounding == "gptq":
         probabilities += ", GPTQ weight rounding"
     if config.mixed_precision:

@@ -9,6 +9,7 @@ with all upstream points already quantized (as RepQ-ViT does).
 from __future__ import annotations
 
 import abc
+import functools
 import math
 
 import torch
@@ -30,7 +31,7 @@ from .quantizers import (
     uniform_params,
     weight_columns,
 )
-from .registry import SOFTMAX_QUANTIZERS
+from .registry import GELU_QUANTIZERS, SOFTMAX_QUANTIZERS
 
 __all__ = [
     "SharedInput",
@@ -156,33 +157,48 @@ class LogSqrt2Quantizer(_Quantizer):
 
 @SOFTMAX_QUANTIZERS.register("adalog")
 class AdaLogQuantizer(_Quantizer):
-    """AdaLog fake quantizer for post-softmax probabilities (Wu et al., ECCV 2024): x̂ = Δ · 2^(−q·n/d), with
-    d = ``ADALOG_DENOMINATOR`` and the base exponent n/d and Δ searched per layer
-    (``quantizers.search_adalog_params``). Log-√2 is the fixed base n/d = ½; at 6–8 bits a finer base spends the
-    extra codes on resolution, where log-√2 only extends the range. At inference x̂ is a shift and a lookup in a
-    table of d constants (``quantizers.dequantize_log_shift``). Buffers: ``delta`` and ``numerator`` (n, float)."""
+    """AdaLog fake quantizer (Wu et al., ECCV 2024): x̂ = Δ · 2^(−q·n/d) − σ of x + σ, with d = ``ADALOG_DENOMINATOR``
+    and the base exponent n/d and Δ searched per layer (``quantizers.search_adalog_params``).
+
+    For post-softmax probabilities σ = 0 (log-√2 is the fixed base n/d = ½; at 6–8 bits a finer base spends the
+    extra codes on resolution, where log-√2 only extends the range). ``shifted`` (post-GELU activations): σ is the
+    negated minimum of the calibration data (GELU's is −0.17), which puts the activations' mode, just above their
+    minimum, at the fine end of the log grid; at inference −σ folds into the next Linear's bias. x̂ is a shift and
+    a lookup in a table of d constants (``quantizers.dequantize_log_shift``). Buffers: ``delta``, ``numerator``
+    (n, float) and ``shift`` (σ)."""
 
     denominator = ADALOG_DENOMINATOR
 
-    def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES):
+    def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES, shifted: bool = False):
         super().__init__(bits, percentiles)
+        self.shifted = shifted
         self.register_buffer("delta", torch.empty(0))
         self.register_buffer("numerator", torch.empty(0))
+        self.register_buffer("shift", torch.empty(0))
 
     @property
     def calibrated(self) -> bool:
         return self.delta.numel() > 0
 
     def fit(self, x: torch.Tensor) -> None:
-        delta, numerator = search_adalog_params(x, self.bits, self.percentiles, self.denominator)
-        self.delta = delta
+        shift = (-x.detach().min()).clamp_min(0).float() if self.shifted else x.new_zeros((), dtype=torch.float32)
+        delta, numerator = search_adalog_params(x + shift if self.shifted else x, self.bits, self.percentiles,
+                                                self.denominator)
+        self.delta, self.shift = delta, shift.reshape(())
         self.numerator = torch.tensor(float(numerator), device=delta.device)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_log(x, self.delta, self.bits, int(self.numerator), self.denominator)
+        if not self.shifted:
+            return fake_quant_log(x, self.delta, self.bits, int(self.numerator), self.denominator)
+        shift = self.shift.to(x.dtype)
+        return fake_quant_log(x + shift, self.delta, self.bits, int(self.numerator), self.denominator) - shift
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, adalog=True"
+        return f"bits={self.bits}, adalog=True, shifted={self.shifted}"
+
+
+GELU_QUANTIZERS.register("uniform")(UniformQuantizer)
+GELU_QUANTIZERS.register("adalog")(functools.partial(AdaLogQuantizer, shifted=True))
 
 
 class _WeightQuantMixin:

@@ -38,7 +38,7 @@ from .nn import (
     pack_weights,
 )
 from .post_ln import post_ln_treatment
-from .registry import SOFTMAX_QUANTIZERS
+from .registry import GELU_QUANTIZERS, SOFTMAX_QUANTIZERS
 from .reparam import reparam_factors, reparameterize
 from .rounding import weight_rounding
 from .scores import read_scores
@@ -103,6 +103,11 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
         model.set_submodule(name, QuantLinear.from_linear(
             model.get_submodule(name), plan[name].w_bits, plan[name].a_bits, percentiles=pct,
             act_channelwise=is_post_ln and treatment.channelwise, add_bias=is_post_ln and treatment.reparameterises))
+    if config.gelu_quantizer != "uniform":
+        gelu_quantizer = GELU_QUANTIZERS.get(config.gelu_quantizer)
+        for name in layout.post_gelu:
+            module = model.get_submodule(name)
+            module.input_quantizer = gelu_quantizer(module.input_quantizer.bits, percentiles=pct)
     for _, names in layout.post_ln:
         if len(names) > 1:
             shared = SharedInput()

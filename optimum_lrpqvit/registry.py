@@ -2,9 +2,9 @@
 and the command line alike.
 
 The tables are filled where the strategies are defined (``post_ln``, ``mixed_precision``, ``importance``, the
-softmax quantizers in ``nn``, the weight roundings in ``rounding``), each implementation registering itself under
-its name; this module only holds the tables, so that the config can validate names without importing the
-machinery behind them.
+softmax and GELU quantizers in ``nn``, the weight roundings in ``rounding``), each implementation registering
+itself under its name; this module only holds the tables, so that the config can validate names without importing
+the machinery behind them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["ALLOCATION_RULES", "IMPORTANCE_CRITERIA", "POST_LN_TREATMENTS", "Registry", "SOFTMAX_QUANTIZERS",
-           "WEIGHT_ROUNDINGS"]
+__all__ = ["ALLOCATION_RULES", "GELU_QUANTIZERS", "IMPORTANCE_CRITERIA", "POST_LN_TREATMENTS", "Registry",
+           "SOFTMAX_QUANTIZERS", "WEIGHT_ROUNDINGS"]
 
 T = TypeVar("T")
 
@@ -61,4 +61,5 @@ POST_LN_TREATMENTS: Registry = Registry("post_ln")
 ALLOCATION_RULES: Registry = Registry("allocation")
 IMPORTANCE_CRITERIA: Registry = Registry("importance")
 SOFTMAX_QUANTIZERS: Registry = Registry("softmax_quantizer")
+GELU_QUANTIZERS: Registry = Registry("gelu_quantizer")
 WEIGHT_ROUNDINGS: Registry = Registry("weight_rounding")

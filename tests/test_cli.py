@@ -15,6 +15,7 @@ from optimum_lrpqvit import cli
 from optimum_lrpqvit.export import onnx
 from optimum_lrpqvit.registry import (
     ALLOCATION_RULES,
+    GELU_QUANTIZERS,
     IMPORTANCE_CRITERIA,
     POST_LN_TREATMENTS,
     SOFTMAX_QUANTIZERS,
@@ -45,6 +46,7 @@ def test_the_launcher_knows_the_registered_names_and_export_limits():
     assert set(launcher.ALLOCATION_RULES) == set(ALLOCATION_RULES.names())
     assert launcher.SOFTMAX_QUANTIZERS == SOFTMAX_QUANTIZERS.names()
     assert launcher.WEIGHT_ROUNDINGS == WEIGHT_ROUNDINGS.names()
+    assert launcher.GELU_QUANTIZERS == GELU_QUANTIZERS.names()
     assert set(launcher.IMPORTANCE_CRITERIA) == set(IMPORTANCE_CRITERIA.names())
     assert launcher.WEIGHT_CODES == onnx.WEIGHT_CODES
     assert (launcher.DEFAULT_OPSET, launcher.MIN_OPSET, launcher.MAX_OPSET) == (
@@ -100,9 +102,9 @@ def test_an_output_directory_of_an_earlier_run_needs_overwrite(tmp_path, capsys)
 def test_the_accuracy_options_reach_the_saved_config(tmp_path):
     float_dir = models.save_checkpoint(models.hf_vit(), tmp_path / "float")
     assert cli.main(["quantize", float_dir, str(tmp_path / "out"), "--num-calibration-samples", "4",
-                     "--softmax-quantizer", "adalog", "--weight-rounding", "gptq"]) == 0
+                     "--softmax-quantizer", "adalog", "--gelu-quantizer", "adalog", "--weight-rounding", "gptq"]) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert (saved["softmax_quantizer"], saved["weight_rounding"]) == ("adalog", "gptq")
+    assert (saved["softmax_quantizer"], saved["gelu_quantizer"], saved["weight_rounding"]) == ("adalog",) * 2 + ("gptq",)
     assert "AdaLog attention probabilities" in (tmp_path / "out" / "README.md").read_text()
 
 

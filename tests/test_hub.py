@@ -77,7 +77,8 @@ def test_round_trip_gives_identical_logits(family, tmp_path):
     ("wrapped_timm_vit", {"post_ln": "channelwise", "w_bits": 5}),  # channel-wise activation scales
     ("hf_vit", {"w_bits": 8, "post_ln": "layerwise"}),
     ("hf_deit", {"w_bits": 4, "mixed_precision": True, "allocation": "budget", "importance": "random"}),
-    ("hf_vit", {"softmax_quantizer": "adalog", "weight_rounding": "gptq"}),
+    ("hf_vit", {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weight_rounding": "gptq"}),
+    ("wrapped_timm_vit", {"gelu_quantizer": "adalog", "a_bits": 3}),
     ("hf_swin", {"softmax_quantizer": "adalog", "a_bits": 8}),
 ])
 def test_round_trip_variants(family, config, tmp_path):
@@ -325,12 +326,17 @@ def test_impossible_quantizer_values_are_refused(broken, load, key, value, match
         load(broken)
 
 
-@pytest.mark.parametrize("value", [0.0, 2.5, 65.0])
-def test_impossible_adalog_base_is_refused(tmp_path, value):
-    save_quantized(_quantized("hf_vit", softmax_quantizer="adalog"), tmp_path)
-    key = "vit.encoder.layer.1.attention.matmul2.quantizer_a.numerator"
+@pytest.mark.parametrize(("leaf", "value", "match"), [
+    ("matmul2.quantizer_a.numerator", 0.0, r"is not an integer between 1 and 64 \(the AdaLog base"),
+    ("matmul2.quantizer_a.numerator", 2.5, r"is not an integer between 1 and 64 \(the AdaLog base"),
+    ("matmul2.quantizer_a.numerator", 65.0, r"is not an integer between 1 and 64 \(the AdaLog base"),
+    ("output.dense.input_quantizer.shift", -0.1, "is negative"),
+])
+def test_impossible_adalog_parameters_are_refused(tmp_path, leaf, value, match):
+    save_quantized(_quantized("hf_vit", softmax_quantizer="adalog", gelu_quantizer="adalog"), tmp_path)
+    key = f"vit.encoder.layer.1.{'attention.' if leaf.startswith('matmul') else ''}{leaf}"
     _edit_tensors(tmp_path, lambda tensors: tensors.__setitem__(key, torch.tensor(value)))
-    with pytest.raises(ValueError, match=rf"{key} .*is not an integer between 1 and 64 \(the AdaLog base"):
+    with pytest.raises(ValueError, match=rf"{key} .*{match}"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
 
 

@@ -34,9 +34,10 @@ def test_integer_gemm_equals_the_fake_quant_product(rows, fan_in, out, x_bits, w
     assert (got - expected).abs().max() <= bound
 
 
-@pytest.mark.parametrize("family", ["hf_vit", "timm_vit", "hf_swin"])
-def test_model_with_integer_matmul_gives_the_fake_quant_logits(family):
-    model = quantize(models.FAMILIES[family](), LRPQConfig(w_bits=4, a_bits=4), models.images(8))
+@pytest.mark.parametrize(("family", "options"), [("hf_vit", {}), ("timm_vit", {}), ("hf_swin", {}),
+                                                 ("hf_vit", {"gelu_quantizer": "adalog"})])  # fc2 stays fake-quant
+def test_model_with_integer_matmul_gives_the_fake_quant_logits(family, options):
+    model = quantize(models.FAMILIES[family](), LRPQConfig(w_bits=4, a_bits=4, **options), models.images(8))
     x = models.images(4, seed=2)
     expected = models.logits(model, x)
     use_integer_matmul(model)

@@ -26,6 +26,8 @@ class Layout:
         attentions: the attention modules whose two matmuls are quantized.
         block_of: for every point name, the index of the transformer block it belongs to (-1 for the patch
             embedding, ``len(blocks)`` for heads).
+        post_gelu: the Linears among ``linears`` that read an MLP's activation (fc2: GELU or its variants), whose
+            input quantizer is ``config.gelu_quantizer``.
     """
 
     post_ln: list[tuple[str, list[str]]]
@@ -33,6 +35,7 @@ class Layout:
     patch_embed: str
     attentions: list[str]
     block_of: dict[str, int] = field(default_factory=dict)
+    post_gelu: list[str] = field(default_factory=list)
 
     def weight_points(self) -> list[str]:
         """The points with weights: patch embedding, post-LayerNorm Linears, other Linears."""

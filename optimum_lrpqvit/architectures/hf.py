@@ -187,7 +187,7 @@ class HFFamily(Family):
         if len(convs) != 1:
             raise TypeError(f"{type(model).__name__} has {len(convs)} convolutions where one patch embedding was "
                             "expected; nothing was changed.")
-        post_ln, linears, attentions, block_of = [], [], [], {convs[0]: -1}
+        post_ln, linears, attentions, block_of, post_gelu = [], [], [], {convs[0]: -1}, []
         block = -1
         for name, module in model.named_modules():
             if not name.startswith(prefix):
@@ -199,6 +199,7 @@ class HFFamily(Family):
                 fc1, out_proj, fc2 = (f"{name}.{p}" for p in (names.fc1, names.out_proj, names.fc2))
                 post_ln += [(f"{name}.{names.norm_before}", qkv), (f"{name}.{names.norm_after}", [fc1])]
                 linears += [out_proj, fc2]
+                post_gelu.append(fc2)
                 attentions.append(attention)
                 points = [*qkv, fc1, out_proj, fc2, *(f"{attention}.{p}" for p in ("matmul1", "softmax", "matmul2"))]
                 block_of.update(dict.fromkeys(points, block))
@@ -206,7 +207,7 @@ class HFFamily(Family):
                 # merging belongs to the stage it closes
                 post_ln.append((f"{name}.norm", [f"{name}.reduction"]))
                 block_of[f"{name}.reduction"] = block
-        layout = Layout(post_ln, linears, convs[0], attentions, block_of)
+        layout = Layout(post_ln, linears, convs[0], attentions, block_of, post_gelu)
         self.add_heads(model, layout, block + 1)
         check_modules(model, layout)
         return layout

@@ -104,6 +104,7 @@ class _HFSwinv2(HFFamily):
                 points = [f"{attention}.{p}" for p in ("query", "key", "value")]
                 points += [f"{name}.attention.output.dense", f"{name}.intermediate.dense", f"{name}.output.dense"]
                 layout.linears += points
+                layout.post_gelu.append(f"{name}.output.dense")
                 layout.attentions.append(attention)
                 points += [f"{attention}.{p}" for p in ("matmul1", "softmax", "matmul2")]
                 layout.block_of.update(dict.fromkeys(points, block))

@@ -18,6 +18,7 @@ def block_points(prefix: str, block: int, layout: Layout) -> None:
     p = prefix
     layout.post_ln += [(f"{p}.norm1", [f"{p}.attn.qkv"]), (f"{p}.norm2", [f"{p}.mlp.fc1"])]
     layout.linears += [f"{p}.attn.proj", f"{p}.mlp.fc2"]
+    layout.post_gelu.append(f"{p}.mlp.fc2")
     layout.attentions.append(f"{p}.attn")
     points = [f"{p}.attn.qkv", f"{p}.attn.proj", f"{p}.mlp.fc1", f"{p}.mlp.fc2"]
     points += [f"{p}.attn.{m}" for m in ("matmul1", "softmax", "matmul2")]

@@ -50,6 +50,7 @@ class _TimmWrapper(Family):
             patch_embed=p + inner.patch_embed,
             attentions=[p + n for n in inner.attentions],
             block_of={p + n: b for n, b in inner.block_of.items()},
+            post_gelu=[p + n for n in inner.post_gelu],
         )
 
     def install_attention(self, model: nn.Module, layout: Layout) -> None:

@@ -25,10 +25,14 @@ https://onnx.ai/onnx/operators/), so that a runtime with integer kernels (ONNX R
   as q − 2^(b−1), see ``export_onnx``'s ``weight_codes``), with float32 scales and zero points of the codes'
   type per output channel, feeding ``DequantizeLinear``: a Linear's codes are stored as ``(in, out)``
   (``axis=1``, the layout of the right operand of ``MatMul``, which integer MatMul kernels take per column),
-  the convolution's as ``(out, in, kh, kw)`` (``axis=0``). No float copy of a quantized weight is written;
+  the convolution's as ``(out, in, kh, kw)`` (``axis=0``). No float copy of a quantized weight is written (except
+  for the Linears that read AdaLog post-GELU activations, below);
 * the log-quantized attention probabilities (log-√2, or AdaLog's base 2^(n/d)) are written as the float
   operations they are (docs/method.md#quantizers): the code from ``Log`` and ``Round``, the level from ``Exp``
-  (see ``_LogQuant``; a value within float32 rounding of a code boundary may take the neighbouring code).
+  (see ``_LogQuant``; a value within float32 rounding of a code boundary may take the neighbouring code). So are
+  AdaLog-quantized post-GELU activations (``gelu_quantizer="adalog"``): the Linear that reads them takes a float
+  input, and its dequantized weight x̂ is written as a float32 initializer, a float ``MatMul`` (ONNX Runtime would
+  otherwise run ``DequantizeLinear → MatMul`` as ``MatMulNBits``, which quantizes the float input its own way).
 
 The export uses torch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) with the QDQ
 nodes emitted by the ``symbolic`` methods of private ``torch.autograd.Function`` classes: those are looked up
@@ -137,11 +141,11 @@ class _DequantizeWeight(torch.autograd.Function):
 
 
 class _LogQuant(torch.autograd.Function):
-    """Log fake quantization of base 2^e, e = n/d (``quantizers.fake_quant_log``; log-√2 is e = ½), as the float
-    operations it is::
+    """Log fake quantization of base 2^e, e = n/d (``quantizers.fake_quant_log``; log-√2 is e = ½) of x + σ, minus σ
+    (σ = 0 but for AdaLog on post-GELU activations), as the float operations it is::
 
-        q  = Clip(Round(Log(x) · (−1 / (e · ln 2)) + log2 Δ / e), 0, 2^b)     (x = 0: Log = −inf → q = 2^b)
-        x̂  = Exp(q · (−e · ln 2) + ln Δ) · Clip(2^b − q, 0, 1)                (the zero code 2^b gives 0)
+        q  = Clip(Round(Log(max(x + σ, 0)) · (−1 / (e · ln 2)) + log2 Δ / e), 0, 2^b)   (Log(0) = −inf → 2^b)
+        x̂  = Exp(q · (−e · ln 2) + ln Δ) · Clip(2^b − q, 0, 1) − σ                (the zero code 2^b gives −σ)
 
     Eleven element-wise passes over the largest tensor of the network, none of them a Gather or a comparison
     (ONNX Runtime's per-element Gather and boolean kernels cost 3–4× a float pass at this size). ``Log`` and
@@ -152,21 +156,29 @@ class _LogQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor, delta: float, bits: int, numerator: int,
-                denominator: int) -> torch.Tensor:
-        return fake_quant_log(x, torch.tensor(delta, dtype=x.dtype, device=x.device), bits, numerator, denominator)
+    def forward(ctx: object, x: torch.Tensor, delta: float, bits: int, numerator: int, denominator: int,
+                shift: float) -> torch.Tensor:
+        delta = torch.tensor(delta, dtype=x.dtype, device=x.device)
+        if shift == 0:
+            return fake_quant_log(x, delta, bits, numerator, denominator)
+        shift = torch.tensor(shift, dtype=x.dtype, device=x.device)
+        return fake_quant_log(x + shift, delta, bits, numerator, denominator) - shift
 
     @staticmethod
-    def symbolic(g: object, x: object, delta: float, bits: int, numerator: int, denominator: int) -> object:
+    def symbolic(g: object, x: object, delta: float, bits: int, numerator: int, denominator: int,
+                 shift: float) -> object:
         def f32(value: float) -> object:
             return _const(g, torch.tensor(value, dtype=torch.float32))
 
+        if shift != 0:  # x + σ may round below 0 where x is at GELU's minimum: Relu gives it the zero code
+            x = g.op("Relu", g.op("Add", x, f32(shift)))
         e = numerator / denominator
         zero, top = f32(0.0), f32(float(2**bits))
         code = g.op("Add", g.op("Mul", g.op("Log", x), f32(-1.0 / (e * math.log(2.0)))), f32(math.log2(delta) / e))
         code = g.op("Clip", g.op("Round", code), zero, top)
         level = g.op("Exp", g.op("Add", g.op("Mul", code, f32(-e * math.log(2.0))), f32(math.log(delta))))
-        return g.op("Mul", level, g.op("Clip", g.op("Sub", top, code), zero, f32(1.0)))
+        out = g.op("Mul", level, g.op("Clip", g.op("Sub", top, code), zero, f32(1.0)))
+        return out if shift == 0 else g.op("Sub", out, f32(shift))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,8 +283,8 @@ def _uniform_forward(self: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_forward(self: LogSqrt2Quantizer | AdaLogQuantizer, x: torch.Tensor) -> torch.Tensor:
-    delta, numerator, denominator = self.__dict__["_onnx_log"]
-    return _LogQuant.apply(x, delta, self.bits, numerator, denominator)
+    delta, numerator, denominator, shift = self.__dict__["_onnx_log"]
+    return _LogQuant.apply(x, delta, self.bits, numerator, denominator, shift)
 
 
 def _linear_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -280,6 +292,14 @@ def _linear_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     weight_t = _DequantizeWeight.apply(getattr(self, p + "weight_codes"), getattr(self, p + "weight_scale"),
                                        getattr(self, p + "weight_zero_point"), 1)
     y = torch.matmul(self.input_quantizer(x), weight_t)
+    return y if self.bias is None else y + self.bias
+
+
+def _float_input_linear_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear whose input is log-quantized (AdaLog post-GELU): no integer kernel can take that input, and ONNX
+    Runtime would turn ``DequantizeLinear → MatMul`` with a float input into its weight-only ``MatMulNBits``, which
+    quantizes the input its own way; the dequantized weight x̂ is written as a float initializer instead."""
+    y = torch.matmul(self.input_quantizer(x), getattr(self, _BUFFER_PREFIX + "weight_t"))
     return y if self.bias is None else y + self.bias
 
 
@@ -353,7 +373,8 @@ def _plan_and_patch(model: nn.Module, patched: _Patched, weight_codes: str) -> N
             delta = q.delta.detach().float().cpu()
             if not bool(torch.isfinite(delta)) or float(delta) <= 0:
                 raise ValueError(f"{name}: non-positive or non-finite log Δ; a positive finite Δ is supported.")
-            base = (int(q.numerator), q.denominator) if isinstance(q, AdaLogQuantizer) else (1, 2)
+            adalog = isinstance(q, AdaLogQuantizer)
+            base = (int(q.numerator), q.denominator, float(q.shift)) if adalog else (1, 2, 0.0)
             plans[id(q)] = (float(delta), *base)
         elif q.channelwise:
             raise ValueError(f"{name}: channel-wise activation scales (post_ln='channelwise') lie on the reduction "
@@ -378,6 +399,10 @@ def _plan_and_patch(model: nn.Module, patched: _Patched, weight_codes: str) -> N
             patched.attr(q, "_onnx_cache", cache)
             patched.forward(q, _uniform_forward)
     for name, module in weights:
+        if isinstance(module, QuantLinear) and isinstance(module.input_quantizer, _LOG_QUANTIZERS):
+            patched.buffer(module, "weight_t", module.quantized_weight().detach().t().contiguous().to(device))
+            patched.forward(module, _float_input_linear_forward)
+            continue
         w_codes, w_scale, w_zero = codes[id(module)]
         if isinstance(module, QuantLinear):
             w_codes = w_codes.t().contiguous()  # (in, out): MatMul's right operand, per column

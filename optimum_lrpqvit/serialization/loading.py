@@ -68,7 +68,7 @@ def _activation_quantizers(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Mo
 def _quantizer_leaves(quantizer: nn.Module) -> tuple[str, ...]:
     if isinstance(quantizer, UniformQuantizer):
         return "scale", "zero_point"
-    return ("delta", "numerator") if isinstance(quantizer, AdaLogQuantizer) else ("delta",)
+    return ("delta", "numerator", "shift") if isinstance(quantizer, AdaLogQuantizer) else ("delta",)
 
 
 def _quantizer_shapes(quantizer: nn.Module, owner: nn.Module) -> tuple[tuple[int, ...], ...]:
@@ -220,6 +220,8 @@ def _check_values(model: nn.Module, tensors: Mapping[str, torch.Tensor], source:
                     and bool(((numerator >= 1) & (numerator <= 2 * quantizer.denominator)).all())):
                 raise bad(f"{name}.numerator", f"is not an integer between 1 and {2 * quantizer.denominator} (the "
                                                "AdaLog base exponent's numerator)")
+            if not bool((tensors[f"{name}.shift"] >= 0).all()):
+                raise bad(f"{name}.shift", "is negative")
     for scale_key, zero_key in pairs:
         zero_point = tensors[zero_key].float()
         if not bool((tensors[scale_key] > 0).all()):
