@@ -187,6 +187,26 @@ def write_markdown(name: str, results: dict | None = None) -> str:
     return table
 
 
+def methods_main(name: str, methods: dict[str, dict], description: str) -> None:
+    """The command line of a benchmark of named config ``methods`` at W = A = b with CRL (``mixed_precision.py``,
+    ``accuracy_options.py``): the grid of models × bits × methods × seeds into benchmarks/results/<name>.*."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
+    parser.add_argument("--methods", nargs="+", default=list(methods), choices=list(methods))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--num-eval", type=int, default=10_000)
+    parser.add_argument("--markdown-only", action="store_true", help=f"rewrite {name}.md from {name}.json")
+    args = parser.parse_args()
+    if args.markdown_only:
+        print(write_markdown(name))
+        return
+    jobs: list[Job] = [(f"W{b}A{b}/{m}", {"w_bits": b, "a_bits": b, "post_ln": "crl", **methods[m]}, seed)
+                       for seed in args.seeds for b in args.bits for m in args.methods]
+    results = run_jobs(args.models or default_models(), jobs, ("original",), name, args.num_eval)
+    print(write_markdown(name, results))
+
+
 def default_models() -> list[str]:
     return sorted(str(p) for p in (ROOT / "reference_models").iterdir() if (p / "config.json").exists())
 

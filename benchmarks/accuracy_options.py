@@ -13,9 +13,7 @@ the test images (top-1, agreement with full precision, KL(FP ‖ quantized)) wit
 
 from __future__ import annotations
 
-import argparse
-
-from accuracy import Job, default_models, run_jobs, write_markdown
+from accuracy import methods_main
 
 ALL = {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weight_rounding": "gptq"}
 METHODS = {
@@ -29,22 +27,7 @@ METHODS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None)
-    parser.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num-eval", type=int, default=10_000)
-    parser.add_argument("--markdown-only", action="store_true",
-                        help="rewrite accuracy_options.md from accuracy_options.json")
-    args = parser.parse_args()
-    if args.markdown_only:
-        print(write_markdown("accuracy_options"))
-        return
-    jobs: list[Job] = [(f"W{b}A{b}/{m}", {"w_bits": b, "a_bits": b, "post_ln": "crl", **METHODS[m]}, seed)
-                       for seed in args.seeds for b in args.bits for m in args.methods]
-    results = run_jobs(args.models or default_models(), jobs, ("original",), "accuracy_options", args.num_eval)
-    print(write_markdown("accuracy_options", results))
+    methods_main("accuracy_options", METHODS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

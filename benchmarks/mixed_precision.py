@@ -13,9 +13,7 @@ Writes benchmarks/results/mixed_precision.json and .md.
 
 from __future__ import annotations
 
-import argparse
-
-from accuracy import Job, default_models, run_jobs, write_markdown
+from accuracy import methods_main
 
 METHODS = {
     "fixed crl": {},
@@ -34,22 +32,7 @@ METHODS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=None)
-    parser.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num-eval", type=int, default=10_000)
-    parser.add_argument("--markdown-only", action="store_true",
-                        help="rewrite mixed_precision.md from mixed_precision.json")
-    args = parser.parse_args()
-    if args.markdown_only:
-        print(write_markdown("mixed_precision"))
-        return
-    jobs: list[Job] = [(f"W{b}A{b}/{m}", {"w_bits": b, "a_bits": b, "post_ln": "crl", **METHODS[m]}, seed)
-                       for b in args.bits for m in args.methods for seed in args.seeds]
-    results = run_jobs(args.models or default_models(), jobs, ("original",), "mixed_precision", args.num_eval)
-    print(write_markdown("mixed_precision", results))
+    methods_main("mixed_precision", METHODS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

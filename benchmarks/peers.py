@@ -138,7 +138,7 @@ def write_markdown(results: dict) -> None:
         lines += ["| model | FP top-1 | " + " | ".join(c.split(" ", 1)[1] for c in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
         for name, entry in results.items():
-            cells = [f"{entry['runs'][c]['kl']:.4f} / {entry['runs'][c]['agreement']:.2f}" if c in entry["runs"]
+            cells = [f"{entry['runs'][c]['kl']:.5f} / {entry['runs'][c]['agreement']:.2f}" if c in entry["runs"]
                      else "–" for c in cols]
             lines.append(f"| {name} W{w_bits}/A8 | {entry['full_precision']['top1']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -10,6 +10,7 @@ a per-tensor search is the one-channel case.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -177,10 +178,23 @@ def log_thresholds(delta: torch.Tensor, bits: int, numerator: int, denominator: 
 
 def quantize_log(x: torch.Tensor, delta: torch.Tensor, bits: int, numerator: int, denominator: int) -> torch.Tensor:
     """Base-2^e log codes q = round(−log2(x/Δ)/e) clamped to [0, 2^b], e = numerator/denominator, computed exactly
-    as q = #{k : x < T_k} (``log_thresholds``); the code 2^b is the zero code (x = 0 or below the smallest
-    boundary). int64."""
-    boundaries = log_thresholds(delta, bits, numerator, denominator).flip(0).to(x.dtype)
-    return 2**bits - torch.bucketize(x, boundaries, right=True)
+    as q = #{k : x < T_k} (``log_thresholds``); the code 2^b is the zero code (x ≤ 0 or below the smallest
+    boundary). int64.
+
+    The count is found from the float32 log, which is within one code of it, and corrected by comparing x with the
+    two boundaries around that code (an order of magnitude faster than a binary search over 2^b boundaries); where
+    the smallest boundary is below float32's normal range, by the binary search."""
+    boundaries = log_thresholds(delta, bits, numerator, denominator).to(x.dtype)
+    top = 2**bits
+    if bool(boundaries[-1] < torch.finfo(x.dtype).tiny):
+        return top - torch.bucketize(x, boundaries.flip(0), right=True)
+    flat = x.reshape(-1)
+    approx = torch.log2(flat / delta.to(x.dtype)).mul_(-denominator / numerator).add_(0.5)
+    q = torch.nan_to_num_(approx, nan=top, posinf=top, neginf=0.0).floor_().clamp_(0, top).long()
+    ext = torch.cat([boundaries, boundaries.new_full((1,), -math.inf)])  # T_{2^b} = −∞: nothing is below it
+    q += ext.index_select(0, q) > flat  # x < T_q: one more boundary above x
+    q -= ((q > 0) & (ext.index_select(0, (q - 1).clamp_(min=0)) <= flat)).long()  # x ≥ T_{q−1}: one fewer
+    return q.reshape(x.shape)
 
 
 def dequantize_log_shift(q: torch.Tensor, delta: torch.Tensor, bits: int, numerator: int,
@@ -204,7 +218,7 @@ def log_levels(delta: torch.Tensor, bits: int, numerator: int, denominator: int)
 def fake_quant_log(x: torch.Tensor, delta: torch.Tensor, bits: int, numerator: int, denominator: int) -> torch.Tensor:
     """x̂ = Δ · 2^(−q·n/d) with the codes of ``quantize_log``; codes ≥ 2^b (and x = 0) give 0."""
     levels = log_levels(delta, bits, numerator, denominator).to(x.dtype)
-    return levels[quantize_log(x, delta, bits, numerator, denominator)]
+    return levels.index_select(0, quantize_log(x, delta, bits, numerator, denominator).reshape(-1)).reshape(x.shape)
 
 
 def log_sqrt2_thresholds(delta: torch.Tensor, bits: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from optimum_lrpqvit.quantizers import (
     fake_quant_log,
     fake_quant_log_sqrt2,
     fake_quant_uniform,
+    log_thresholds,
     quantize_log,
     quantize_log_sqrt2,
     quantize_uniform,
@@ -204,7 +205,7 @@ def test_adalog_search_finds_the_lowest_error_base(bits, seed, temperature):
     assert err <= _brute_force_adalog(x, bits, DEFAULT_PERCENTILES)[0] * (1 + 1e-6) + 1e-15
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(bits=st.integers(2, 8), seed=st.integers(0, 10**6), temperature=st.floats(0.5, 5))
 def test_adalog_is_never_worse_than_log_sqrt2(bits, seed, temperature):
     """Log-√2 (n/d = ½, the same Δ candidates) is one of AdaLog's candidates."""
@@ -221,3 +222,18 @@ def test_adalog_spends_8_bits_on_resolution():
     adalog = (fake_quant_log(x, delta, 8, n, ADALOG_DENOMINATOR) - x).pow(2).mean()
     sqrt2 = (fake_quant_log_sqrt2(x, search_log_sqrt2_delta(x, 8), 8) - x).pow(2).mean()
     assert n < ADALOG_DENOMINATOR // 2 and adalog < sqrt2 / 10
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), n=st.integers(1, 64), delta=st.floats(1e-3, 10.0), seed=st.integers(0, 10**6))
+def test_log_codes_count_the_boundaries_above_x_exactly(bits, n, delta, seed):
+    """The log-and-correct code equals the binary search over the boundaries, at the boundaries themselves, their
+    float32 neighbours, zero, negatives, infinities and random values."""
+    delta = torch.tensor(delta)
+    boundaries = log_thresholds(delta, bits, n, ADALOG_DENOMINATOR)
+    random = delta * torch.rand(200, generator=torch.Generator().manual_seed(seed)) ** 4 * 1.5
+    x = torch.cat([boundaries, torch.nextafter(boundaries, torch.tensor(0.0)),
+                   torch.nextafter(boundaries, torch.tensor(math.inf)), random,
+                   torch.tensor([0.0, -1e-8, -1.0, math.inf, 1e-38, 1e-45])])
+    expected = 2**bits - torch.bucketize(x, boundaries.flip(0), right=True)
+    assert torch.equal(quantize_log(x, delta, bits, n, ADALOG_DENOMINATOR), expected)
