@@ -103,11 +103,10 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
         model.set_submodule(name, QuantLinear.from_linear(
             model.get_submodule(name), plan[name].w_bits, plan[name].a_bits, percentiles=pct,
             act_channelwise=is_post_ln and treatment.channelwise, add_bias=is_post_ln and treatment.reparameterises))
-    if config.gelu_quantizer != "uniform":
-        gelu_quantizer = GELU_QUANTIZERS.get(config.gelu_quantizer)
-        for name in layout.post_gelu:
-            module = model.get_submodule(name)
-            module.input_quantizer = gelu_quantizer(module.input_quantizer.bits, percentiles=pct)
+    gelu_quantizer = GELU_QUANTIZERS.get(config.gelu_quantizer)
+    for name in layout.post_gelu:
+        module = model.get_submodule(name)
+        module.input_quantizer = gelu_quantizer(module.input_quantizer.bits, percentiles=pct)
     for _, names in layout.post_ln:
         if len(names) > 1:
             shared = SharedInput()

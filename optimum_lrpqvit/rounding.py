@@ -1,4 +1,4 @@
-"""Weight rounding, ``config.weight_rounding`` (``docs/method.md#weight-rounding``).
+"""Weight rounding, ``config.weight_rounding`` (``docs/method.md``, "Weight rounding").
 
 The per-output-channel grid (s, z) of every weight is set by calibration; the rounding chooses each weight's code
 on that grid:
