@@ -207,6 +207,29 @@ def methods_main(name: str, methods: dict[str, dict], description: str) -> None:
     print(write_markdown(name, results))
 
 
+REFERENCE_MODELS = [f"reference_models/{name}-fashion-mnist" for name in ("vit", "deit", "swin", "timm-vit")]
+
+
+def model_entry(results: dict, model_dir: str, num_eval: int) -> dict:
+    """``results``' entry of the model in ``model_dir`` (keyed by its directory name), empty if its weights (by
+    SHA-256) or the number of evaluation images changed since it was measured."""
+    weights = hashlib.sha256((ROOT / model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+    entry = results.get(Path(model_dir).name, {})
+    if entry.get("model_sha256") != weights or entry.get("num_eval") != num_eval:
+        entry = {"model_sha256": weights, "num_eval": num_eval, "runs": {}}
+    return entry
+
+
+def reference_inputs(model_dir: str, data: dict, seed: int, num_eval: int, num_calibration: int = 32):
+    """(float model, the first ``num_eval`` test images' pixels and labels, ``num_calibration`` seeded training
+    images' pixels) of a reference model, preprocessed with its own processor."""
+    processor = load_image_processor(ROOT / model_dir)
+    pixels, labels = preprocess(data["test"].select(range(num_eval)), processor, progress=False)
+    calibration, _ = preprocess(data["train"].select(sample_indices(seed, num_calibration, len(data["train"]))),
+                                processor, progress=False)
+    return AutoModelForImageClassification.from_pretrained(ROOT / model_dir).eval(), pixels, labels, calibration
+
+
 def default_models() -> list[str]:
     return sorted(str(p) for p in (ROOT / "reference_models").iterdir() if (p / "config.json").exists())
 

@@ -22,22 +22,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageClassification
+from accuracy import REFERENCE_MODELS, RESULTS, model_entry, reference_inputs
 
 from optimum_lrpqvit import LRPQConfig, quantize
-from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
+from optimum_lrpqvit.data import load_fashion_mnist
 from optimum_lrpqvit.evaluation import fidelity
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-MODELS = [f"reference_models/{name}-fashion-mnist" for name in ("vit", "deit", "swin", "timm-vit")]
 OURS = {
     "default": {},
     "adalog": {"softmax_quantizer": "adalog"},
@@ -86,7 +82,7 @@ def ours(options: dict, w_bits: int, calibration: torch.Tensor):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", default=REFERENCE_MODELS)
     parser.add_argument("--num-eval", type=int, default=2000)
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -95,17 +91,11 @@ def main() -> None:
     out_json = RESULTS / "peers.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     data = load_fashion_mnist()
-    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(args.seed))
     for model_dir in args.models:
         name = Path(model_dir).name
-        weights = hashlib.sha256((ROOT / model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
-        entry = results.get(name, {})
-        if entry.get("model_sha256") != weights or entry.get("num_eval") != args.num_eval:
-            entry = {"model_sha256": weights, "num_eval": args.num_eval, "runs": {}}
-        processor = load_image_processor(ROOT / model_dir)
-        pixels, labels = preprocess(data["test"].select(range(args.num_eval)), processor)
-        calibration, _ = preprocess(data["train"].select(order[:args.num_calibration].tolist()), processor)
-        base = AutoModelForImageClassification.from_pretrained(ROOT / model_dir).eval()
+        entry = model_entry(results, model_dir, args.num_eval)
+        base, pixels, labels, calibration = reference_inputs(model_dir, data, args.seed, args.num_eval,
+                                                             args.num_calibration)
         reference = logits_of(base, pixels)
         entry["full_precision"] = fidelity(reference, labels)
         for w_bits in (8, 4):

@@ -16,25 +16,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageClassification
+from accuracy import REFERENCE_MODELS, RESULTS, model_entry, reference_inputs
 
 from optimum_lrpqvit import LRPQConfig
 from optimum_lrpqvit.architectures import find_family
 from optimum_lrpqvit.bit_plan import BitPlan
-from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
+from optimum_lrpqvit.data import load_fashion_mnist
 from optimum_lrpqvit.evaluation import fidelity, predict_logits
 from optimum_lrpqvit.nn import QuantConv2d, QuantLinear, QuantMatMul, quantizers
 from optimum_lrpqvit.quantize import calibrate, prepare_model
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-MODELS = [f"reference_models/{name}-fashion-mnist" for name in ("vit", "deit", "swin", "timm-vit")]
 CONFIGS = {"default": {}, "adalog": {"softmax_quantizer": "adalog"}}
 
 
@@ -57,7 +53,7 @@ def groups(model: torch.nn.Module, layout) -> dict[str, list[torch.nn.Module]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--models", nargs="+", default=REFERENCE_MODELS)
     parser.add_argument("--bits", nargs="+", type=int, default=[8, 4])
     parser.add_argument("--num-eval", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -65,17 +61,10 @@ def main() -> None:
     out_json = RESULTS / "point_costs.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
     data = load_fashion_mnist()
-    order = torch.randperm(len(data["train"]), generator=torch.Generator().manual_seed(args.seed))
     for model_dir in args.models:
         name = Path(model_dir).name
-        weights = hashlib.sha256((ROOT / model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
-        entry = results.get(name, {})
-        if entry.get("model_sha256") != weights or entry.get("num_eval") != args.num_eval:
-            entry = {"model_sha256": weights, "num_eval": args.num_eval, "runs": {}}
-        processor = load_image_processor(ROOT / model_dir)
-        pixels, labels = preprocess(data["test"].select(range(args.num_eval)), processor, progress=False)
-        calibration, _ = preprocess(data["train"].select(order[:32].tolist()), processor, progress=False)
-        base = AutoModelForImageClassification.from_pretrained(ROOT / model_dir).eval()
+        entry = model_entry(results, model_dir, args.num_eval)
+        base, pixels, labels, calibration = reference_inputs(model_dir, data, args.seed, args.num_eval)
         reference = predict_logits(base, pixels, progress=False)
         for bits in args.bits:
             for config_name, options in CONFIGS.items():

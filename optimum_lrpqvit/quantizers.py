@@ -289,13 +289,14 @@ def search_adalog_params(
     zero = wide.new_zeros(1)
     s1, s2 = torch.cat([zero, wide.cumsum(0)]), torch.cat([zero, (wide * wide).cumsum(0)])
     n = xs.numel()
+    first = torch.zeros(1, dtype=torch.long, device=xs.device)
+    last = torch.full((1,), n, dtype=torch.long, device=xs.device)
     deltas = sorted_quantiles(xs.reshape(-1, 1), [*percentiles, 1.0]).reshape(-1).clamp_min(_TINY)
     best_err, best = None, None
     for delta in deltas:
         for numerator in range(1, 2 * denominator + 1):
             boundaries = log_thresholds(delta, bits, numerator, denominator).flip(0)  # ascending
-            edges = torch.cat([edges_zero := torch.zeros(1, dtype=torch.long),
-                               torch.searchsorted(xs, boundaries, side="left"), edges_zero + n])
+            edges = torch.cat([first, torch.searchsorted(xs, boundaries, side="left"), last])
             count = (edges[1:] - edges[:-1]).double()
             sum1, sum2 = s1[edges[1:]] - s1[edges[:-1]], s2[edges[1:]] - s2[edges[:-1]]
             # bucket i (values in [B_{i-1}, B_i)) holds code 2^b − i

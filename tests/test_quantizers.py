@@ -185,12 +185,16 @@ def test_log_sqrt2_is_the_log_quantizer_of_exponent_one_half():
     assert torch.equal(fake_quant_log_sqrt2(x, delta, 4), fake_quant_log(x, delta, 4, 1, 2))
 
 
+def _mse(approx, x) -> float:
+    return (approx - x).double().pow(2).mean().item()
+
+
 def _brute_force_adalog(x, bits, percentiles):
     xs = x.reshape(-1, 1).sort(0).values
     best = None
     for delta in sorted_quantiles(xs, [*percentiles, 1.0]).reshape(-1).clamp_min(1e-8):
         for n in range(1, 2 * ADALOG_DENOMINATOR + 1):
-            err = (fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR) - x).double().pow(2).mean().item()
+            err = _mse(fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR), x)
             if best is None or err < best[0] * (1 - 1e-9):
                 best = (err, float(delta), n)
     return best
@@ -201,7 +205,7 @@ def _brute_force_adalog(x, bits, percentiles):
 def test_adalog_search_finds_the_lowest_error_base(bits, seed, temperature):
     x = torch.softmax(torch.randn(6, 30, generator=torch.Generator().manual_seed(seed)) * temperature, -1)
     delta, n = search_adalog_params(x, bits)
-    err = (fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR) - x).double().pow(2).mean().item()
+    err = _mse(fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR), x)
     assert err <= _brute_force_adalog(x, bits, DEFAULT_PERCENTILES)[0] * (1 + 1e-6) + 1e-15
 
 
@@ -211,8 +215,8 @@ def test_adalog_is_never_worse_than_log_sqrt2(bits, seed, temperature):
     """Log-√2 (n/d = ½, the same Δ candidates) is one of AdaLog's candidates."""
     x = torch.softmax(torch.randn(8, 40, generator=torch.Generator().manual_seed(seed)) * temperature, -1)
     delta, n = search_adalog_params(x, bits)
-    adalog = (fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR) - x).double().pow(2).mean().item()
-    sqrt2 = (fake_quant_log_sqrt2(x, search_log_sqrt2_delta(x, bits), bits) - x).double().pow(2).mean().item()
+    adalog = _mse(fake_quant_log(x, delta, bits, n, ADALOG_DENOMINATOR), x)
+    sqrt2 = _mse(fake_quant_log_sqrt2(x, search_log_sqrt2_delta(x, bits), bits), x)
     assert adalog <= sqrt2 * (1 + 1e-6) + 1e-15
 
 
