@@ -73,6 +73,11 @@ class LRPQConfig(QuantizationConfigMixin):
         weight_rounding (`str`, *optional*, defaults to `"nearest"`):
             `"nearest"`, or `"gptq"`: GPTQ's error-compensating rounding on each layer's calibration inputs
             (one more forward pass of the calibration images).
+        quantize_head (`bool`, *optional*, defaults to `False`):
+            Dense-prediction models (Mask2Former, UperNet, YOLOS): also quantize the Linear layers of the head
+            (pixel decoder, transformer decoder, predictors) at `w_bits`/`a_bits`; by default only the backbone is
+            quantized and the head stays float. Classifiers always quantize their head; not with
+            `mixed_precision` (the head's layers have no LRP importance).
         percentiles (`list[float]`, *optional*, defaults to `[0.999, 0.9999, 0.99999]`):
             Candidate percentiles of the range search; the lowest-MSE one is kept.
         mixed_precision (`bool`, *optional*, defaults to `False`):
@@ -123,6 +128,7 @@ class LRPQConfig(QuantizationConfigMixin):
         softmax_quantizer: str = "log_sqrt2",
         gelu_quantizer: str = "uniform",
         weight_rounding: str = "nearest",
+        quantize_head: bool = False,
         percentiles: list[float] | tuple[float, ...] = DEFAULT_PERCENTILES,
         mixed_precision: bool = False,
         allocation: str = "paper",
@@ -153,6 +159,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.softmax_quantizer = softmax_quantizer
         self.gelu_quantizer = gelu_quantizer
         self.weight_rounding = weight_rounding
+        self.quantize_head = quantize_head
         self.percentiles = _number_list(percentiles, "percentiles")
         self.mixed_precision = mixed_precision
         self.allocation = allocation
@@ -216,8 +223,13 @@ class LRPQConfig(QuantizationConfigMixin):
         self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {self.percentiles!r}.")
-        if not isinstance(self.mixed_precision, bool):
-            raise ValueError(f"mixed_precision must be a bool, got {self.mixed_precision!r}.")
+        for name in ("mixed_precision", "quantize_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.quantize_head and self.mixed_precision:
+            raise ValueError("quantize_head=True cannot be combined with mixed_precision=True: LRP importance is "
+                             "measured on the backbone only, so the head's layers would have no score. Quantize the "
+                             "head at uniform bits, or leave it float.")
         ALLOCATION_RULES.get(self.allocation)
         IMPORTANCE_CRITERIA.get(self.importance)
         if not self.candidate_bits:

@@ -27,8 +27,8 @@ from .inputs import as_pixel_values
 from .nn import is_quantized
 from .scores import normalised
 
-__all__ = ["check_targets", "compute_importance", "eval_with_gradients_for", "float32_model", "image_contributions",
-           "point_contributions", "relevance_and_gradients", "scoring"]
+__all__ = ["check_targets", "compute_importance", "dense_seeds", "eval_with_gradients_for", "float32_model",
+           "image_contributions", "point_contributions", "relevance_and_gradients", "scoring"]
 
 try:  # timm's LayerScale multiplies by γ: relevance passes through it
     from timm.layers import LayerScale as _TimmLayerScale
@@ -107,8 +107,50 @@ def scoring(model: nn.Module) -> Iterator[tuple[Family, Layout, relevance.Record
             family.remove_attention(model, layout)
 
 
-_NO_CLASSES = ("{} has no classifier: it is scored on its image embedding (the projection on its own direction), "
+_NO_CLASSES = ("{} has no classifier: it is scored on its image embedding (the projection on its own direction) or, "
+               "for a dense-prediction model, on its dense target (the predicted classes of its queries or pixels), "
                "so there are no classes to target; pass no targets / labels.")
+
+
+def _cut(value: object, originals: list[torch.Tensor], leaves: list[torch.Tensor]) -> object:
+    """``value`` (a tensor, or a model output, dict, tuple or list of them) with every tensor in the autograd graph
+    replaced by a detached leaf that requires grad; the replaced tensors go to ``originals``, the leaves to
+    ``leaves``."""
+    if isinstance(value, torch.Tensor):
+        if not value.requires_grad:
+            return value
+        originals.append(value)
+        leaves.append(value.detach().requires_grad_())
+        return leaves[-1]
+    if isinstance(value, dict):
+        return type(value)(**{k: _cut(v, originals, leaves) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cut(v, originals, leaves) for v in value)
+    return value
+
+
+def dense_seeds(model: nn.Module, family: Family, pixel_values: torch.Tensor
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(backbone outputs F, gradient seeds ∂s/∂F, relevance seeds) of a dense model, from one forward pass.
+
+    The head between the backbone and the target s = ``family.relevance_target`` is differentiated, not
+    relevance-propagated: the relevance entering the backbone is the positive part of gradient ⊙ input,
+    R_F = (F ⊙ ∂s/∂F)⁺ (the evidence for the target of LRP's z-rule, for a head taken as linear at F; α1β0 keeps
+    it non-negative through the backbone), scaled per image to Σ R_F = 1 over all of its backbone outputs, so that
+    every image weighs the same as a classifier's one-hot seed.
+    """
+    originals, leaves = [], []
+    handle = model.get_submodule(family.backbone(model)).register_forward_hook(
+        lambda module, args, output: _cut(output, originals, leaves))
+    try:
+        target = family.relevance_target(family.logits(model, pixel_values))
+    finally:
+        handle.remove()
+    grads = torch.autograd.grad(target.sum(), leaves, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    products = [(leaf.detach() * g).clamp_(min=0) for leaf, g in zip(leaves, grads)]
+    total = sum(p.flatten(1).sum(1) for p in products).clamp_min(relevance.EPS)
+    return originals, grads, [p / total.view(-1, *[1] * (p.dim() - 1)) for p in products]
 
 
 def relevance_and_gradients(
@@ -119,18 +161,24 @@ def relevance_and_gradients(
 
     The target of a classifier is the logit of ``targets`` (default: the predicted class), seeded with gradient 1
     and relevance 1. A model without a classifier is scored on its embedding e's projection on its own direction,
-    s = e·ê with ê = e/‖e‖ held constant: gradient seed ê, relevance seed e ⊙ ê / ‖e‖ (≥ 0, summing to 1).
+    s = e·ê with ê = e/‖e‖ held constant: gradient seed ê, relevance seed e ⊙ ê / ‖e‖ (≥ 0, summing to 1). A
+    dense-prediction model is seeded at its backbone's outputs (``dense_seeds``).
     """
     # the backward passes need autograd even under a caller's torch.inference_mode(); its tensors are cloned
     with torch.inference_mode(False), torch.enable_grad(), scoring(model) as (family, layout, recorder):
-        outputs = family.logits(model, pixel_values.clone())
-        if family.is_classifier(model):
+        if family.backbone(model) is not None:
+            if targets is not None:
+                raise ValueError(_NO_CLASSES.format(type(model).__name__))
+            outputs, grad_seed, relevance_seed = dense_seeds(model, family, pixel_values.clone())
+        elif family.is_classifier(model):
+            outputs = family.logits(model, pixel_values.clone())
             if targets is None:
                 targets = outputs.argmax(-1)
             grad_seed = relevance_seed = F.one_hot(targets.to(outputs.device), outputs.shape[-1]).to(outputs.dtype)
         else:
             if targets is not None:
                 raise ValueError(_NO_CLASSES.format(type(model).__name__))
+            outputs = family.logits(model, pixel_values.clone())
             embedding = outputs.detach()
             grad_seed = F.normalize(embedding, dim=-1)
             relevance_seed = embedding * grad_seed / embedding.norm(dim=-1, keepdim=True).clamp_min(relevance.EPS)

@@ -154,9 +154,20 @@ def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConf
     ``config.weight_rounding`` (``gptq``: one more pass). Weights are not packed."""
     with calibration(model):
         family.logits(model, pixels)
+    _check_all_ran(model, layout)
     if post_ln_treatment(config.post_ln).reparameterises:
         _reparameterize_post_ln(model, layout, config)
     weight_rounding(config.weight_rounding)(model, family, layout, pixels)
+
+
+def _check_all_ran(model: nn.Module, layout: Layout) -> None:
+    """ValueError naming the points whose quantizers saw no data in the calibration pass: modules the model's
+    forward does not call through its module tree (held in a plain list, say), whose swap would change nothing."""
+    idle = [name for name in layout.weight_points() if not model.get_submodule(name).input_quantizer.calibrated]
+    idle += [f"{a}.matmul1" for a in layout.attentions if not model.get_submodule(a).matmul1.quantizer_a.calibrated]
+    if idle:
+        raise ValueError(f"{len(idle)} quantized points were never called by {type(model).__name__}'s forward "
+                         f"({idle[:3]}, ...): the adapter does not fit this model's variant. Nothing was changed.")
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -228,7 +239,7 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
     param = next(model.parameters())
     pixels = pixels.to(device=param.device, dtype=param.dtype)
 
-    layout = family.layout(model)
+    layout = family.quantized_layout(model, config)
     padded = family.padded_after_norm(model, *pixels.shape[-2:])
     if padded and post_ln_treatment(config.post_ln).reparameterises:
         warnings.warn(f"{len(padded)} blocks ({padded[0]}, ...) zero-pad their LayerNorm output to a multiple of "

@@ -201,8 +201,11 @@ def hf_siglip_classifier(seed: int = 0) -> nn.Module:
 
 def stays_float(name: str) -> bool:
     """Whether the module ``name`` is one the library keeps float by design: a two-tower model's text tower,
-    SigLIP's attention-pooling head, Swinv2's position-bias MLP and ViTModel's tanh pooler."""
-    return name.startswith(("text_model", "text_projection")) or any(
+    SigLIP's attention-pooling head, Swinv2's position-bias MLP, ViTModel's tanh pooler and the heads of the dense
+    models (quantized only with ``quantize_head``)."""
+    dense_heads = ("model.pixel_level_module.decoder.", "model.transformer_module.", "class_predictor",
+                   "class_labels_classifier.", "bbox_predictor.")
+    return name.startswith(("text_model", "text_projection", *dense_heads)) or any(
         part in f".{name}." for part in (".head.attention.", ".head.mlp.", ".continuous_position_bias_mlp.", ".pooler."))
 
 
@@ -249,7 +252,38 @@ CLASSIFIERS = {
     "hf_swinv2": hf_swinv2,
 }
 
-FAMILIES = {**CLASSIFIERS, **EMBEDDERS}
+_DENSE_SWIN = dict(image_size=IMAGE_SIZE, patch_size=1, num_channels=3, embed_dim=16, depths=[2, 2, 2, 2],
+                   num_heads=[2, 2, 4, 4], window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+def hf_mask2former(seed: int = 0) -> nn.Module:
+    """Mask2Former (instance/universal) with a Swin backbone whose 16, 8, 4, 2 feature maps the window divides."""
+    config = transformers.Mask2FormerConfig(
+        backbone_config=SwinConfig(**_DENSE_SWIN), hidden_dim=32, num_queries=6, encoder_layers=1, decoder_layers=2,
+        num_labels=NUM_LABELS, feature_size=32, mask_feature_size=32, encoder_feedforward_dim=32, dim_feedforward=32,
+        num_attention_heads=2)
+    return _built("Mask2FormerForUniversalSegmentation", config, seed)
+
+
+def hf_upernet(seed: int = 0) -> nn.Module:
+    config = transformers.UperNetConfig(backbone_config=SwinConfig(**_DENSE_SWIN), hidden_size=16,
+                                        auxiliary_channels=8, num_labels=NUM_LABELS)
+    return _built("UperNetForSemanticSegmentation", config, seed)
+
+
+def hf_yolos(seed: int = 0) -> nn.Module:
+    config = transformers.YolosConfig(**{**_ENCODER, "image_size": [IMAGE_SIZE, IMAGE_SIZE]}, **_NO_DROPOUT,
+                                      num_detection_tokens=4, num_labels=NUM_LABELS)
+    return _built("YolosForObjectDetection", config, seed)
+
+
+DENSE = {
+    "hf_mask2former": hf_mask2former,
+    "hf_upernet": hf_upernet,
+    "hf_yolos": hf_yolos,
+}
+
+FAMILIES = {**CLASSIFIERS, **EMBEDDERS, **DENSE}
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -270,7 +304,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = model(pixel_values=x)
         if isinstance(model, (transformers.ViTModel, transformers.DeiTModel)):
             return out.last_hidden_state[:, 0]
-        for key in ("logits", "image_embeds", "pooler_output"):
+        for key in ("logits", "class_queries_logits", "image_embeds", "pooler_output"):
             if getattr(out, key, None) is not None:
                 return out[key]
         return out.last_hidden_state[:, 0]
@@ -280,6 +314,12 @@ def processor_for(model: nn.Module):
     """The image processor a saved tiny model ships with: Fashion-MNIST-like grayscale images → RGB 16×16."""
     from transformers import TimmWrapperImageProcessor, ViTImageProcessor
 
+    dense = {transformers.Mask2FormerForUniversalSegmentation: transformers.Mask2FormerImageProcessor,
+             transformers.UperNetForSemanticSegmentation: transformers.SegformerImageProcessor,
+             transformers.YolosForObjectDetection: transformers.YolosImageProcessor}
+    for model_class, processor_class in dense.items():
+        if isinstance(model, model_class):
+            return processor_class(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     if isinstance(model, TimmWrapperForImageClassification):
         return TimmWrapperImageProcessor(pretrained_cfg=model.config.pretrained_cfg,
                                          architecture=model.config.architecture)

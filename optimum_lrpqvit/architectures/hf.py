@@ -39,7 +39,7 @@ from ..relevance import pass_through, residual_add
 from .base import Family, Layout, install_instance_forward, quantized_attention, remove_instance_forward
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlockNames", "HF_SWIN", "HF_VIT", "HFFamily", "check_modules",
-           "is_transformers_model", "pre_norm_layer_forward"]
+           "is_transformers_model", "pre_norm_layer_forward", "swin_padded_blocks", "swin_layer_forward"]
 
 ATTN_IMPLEMENTATION = "lrpqvit"
 _PREVIOUS_ATTN = "_lrpqvit_previous_attn_implementation"
@@ -105,7 +105,7 @@ def pre_norm_layer_forward(self, hidden_states: torch.Tensor, attention_mask: to
     return residual_add(_scaled(self, names.scales[1], mlp), hidden_states)
 
 
-def _swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int],
+def swin_layer_forward(self, hidden_states: torch.Tensor, input_dimensions: tuple[int, int],
                         always_partition: bool = False, **kwargs):
     """``SwinLayer.forward`` with relevance-conserving residual additions."""
     if not always_partition:
@@ -219,24 +219,31 @@ class HFFamily(Family):
                 layout.linears.append(head)
                 layout.block_of[head] = block
 
+    def attention_root(self, model: nn.Module) -> PreTrainedModel:
+        """The (sub)model whose attention implementation is switched to this library's: the model itself, or a
+        dense model's backbone (its head keeps its own attention)."""
+        return model
+
     def install_attention(self, model: nn.Module, layout: Layout) -> None:
         if self.attention_forward is not None:
             for name in layout.attentions:
                 install_instance_forward(model.get_submodule(name), self.attention_forward)
             return
-        if getattr(model, _PREVIOUS_ATTN, None) is None:
-            setattr(model, _PREVIOUS_ATTN, model.config._attn_implementation)
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        root = self.attention_root(model)
+        if getattr(root, _PREVIOUS_ATTN, None) is None:
+            setattr(root, _PREVIOUS_ATTN, root.config._attn_implementation)
+        root.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def remove_attention(self, model: nn.Module, layout: Layout) -> None:
         if self.attention_forward is not None:
             for name in layout.attentions:
                 remove_instance_forward(model.get_submodule(name))
             return
-        previous = getattr(model, _PREVIOUS_ATTN, None)
+        root = self.attention_root(model)
+        previous = getattr(root, _PREVIOUS_ATTN, None)
         if previous is not None:
-            model.set_attn_implementation(previous)
-            delattr(model, _PREVIOUS_ATTN)
+            root.set_attn_implementation(previous)
+            delattr(root, _PREVIOUS_ATTN)
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         output = model(pixel_values=pixel_values)
@@ -275,24 +282,30 @@ class _HFSwin(HFFamily):
     layer_classes = (SwinLayer,)
 
     def layer_forward(self, model: nn.Module) -> Callable:
-        return _swin_layer_forward
+        return swin_layer_forward
 
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return model.config.num_channels, None, None  # Swin pads any size
 
     def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
-        # SwinLayer pads its normed input to a multiple of its window (shrunk to the map when the map is smaller);
-        # the feature map is the patch grid, halved (rounded up) by every patch merging
-        config, prefix = model.config, "swin." if self.is_classifier(model) else ""
-        patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-        h, w = math.ceil(height / patch), math.ceil(width / patch)
-        padded = []
-        for i, depth in enumerate(config.depths):
-            window = min(config.window_size, h, w)
-            if h % window or w % window:
-                padded += [f"{prefix}encoder.layers.{i}.blocks.{j}" for j in range(depth)]
-            h, w = math.ceil(h / 2), math.ceil(w / 2)
-        return padded
+        prefix = "swin." if self.is_classifier(model) else ""
+        return swin_padded_blocks(model.config, prefix, height, width, shrink_window=True)
+
+
+def swin_padded_blocks(config, prefix: str, height: int, width: int, shrink_window: bool) -> list[str]:
+    """The ``SwinLayer`` names (``{prefix}encoder.layers.{i}.blocks.{j}``) that pad their normed input for
+    (height, width) images: a map that the window does not divide is padded to a multiple of it. The map is the
+    patch grid, halved (rounded up) by every patch merging; ``shrink_window``: the window shrinks to a smaller map
+    (``SwinModel``; ``SwinBackbone`` always partitions with the configured window)."""
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    h, w = math.ceil(height / patch), math.ceil(width / patch)
+    padded = []
+    for i, depth in enumerate(config.depths):
+        window = min(config.window_size, h, w) if shrink_window else config.window_size
+        if h % window or w % window:
+            padded += [f"{prefix}encoder.layers.{i}.blocks.{j}" for j in range(depth)]
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return padded
 
 
 HF_VIT = _HFViT()

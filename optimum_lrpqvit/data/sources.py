@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .coco import coco_image_paths, coco_splits
 from .fashion_mnist import load_fashion_mnist
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ def load_image_dataset(
     """One split of an image dataset, with an ``image`` column and, when there are labels, a ``label`` column.
 
     ``source`` is ``"fashion_mnist"`` (the bundled :func:`load_fashion_mnist`), a local directory (a
-    ``save_to_disk`` dataset, whose split is picked when it is a ``DatasetDict``, or else an image folder, whose
+    ``save_to_disk`` dataset, whose split is picked when it is a ``DatasetDict``; a COCO directory, whose
+    ``annotations/instances_<split>.json`` names the split's images, see ``coco``; or else an image folder, whose
     class subdirectories give the labels) or a Hub dataset id such as ``"ILSVRC/imagenet-1k"``. Hub datasets are
     streamed unless ``streaming=False``; ``streaming=True`` streams local sources too. Columns, sampling and the
     remaining arguments are those of :func:`prepare_image_dataset`.
@@ -52,7 +54,7 @@ def load_image_dataset(
 
 def _load_split(source: str, split: str, streaming: bool | None) -> datasets.Dataset | datasets.IterableDataset:
     """Split ``split`` of ``source`` as :func:`load_image_dataset` describes it, columns untouched."""
-    from datasets import Dataset, config, load_dataset, load_from_disk
+    from datasets import Dataset, Image, config, load_dataset, load_from_disk
 
     path = Path(source).expanduser()
     if source == "fashion_mnist":
@@ -60,6 +62,8 @@ def _load_split(source: str, split: str, streaming: bool | None) -> datasets.Dat
     elif (path / config.DATASETDICT_JSON_FILENAME).is_file() or (path / config.DATASET_STATE_JSON_FILENAME).is_file():
         saved = load_from_disk(str(path))
         dataset = saved if isinstance(saved, Dataset) else _pick_split(saved, split, source)
+    elif coco_splits(path):
+        dataset = Dataset.from_dict({"image": coco_image_paths(path, split)}).cast_column("image", Image())
     elif path.is_dir():
         return _pick_split(load_dataset("imagefolder", data_dir=str(path), streaming=bool(streaming)), split, source)
     elif path.exists():

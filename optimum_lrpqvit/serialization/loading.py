@@ -121,7 +121,7 @@ def prepare_packed_loading(model: nn.Module, config: LRPQConfig, tensors: Mappin
         return key if stored == key else f"{stored} (this model's {key})"
 
     family = find_family(model)
-    layout = family.layout(model)
+    layout = family.quantized_layout(model, config)
     plan = _bit_plan(config, layout, source)
     prepare_model(model, family, layout, plan, config)
     for name, module in weight_modules(model).items():

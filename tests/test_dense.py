@@ -1,0 +1,231 @@
+"""Dense-prediction models (Mask2Former, UperNet, YOLOS): the backbone adapters, quantize_head, LRP targets, COCO
+data and the COCO metrics. The families' shared behaviour (equivalence, round trips, conservation) is tested with
+the classifiers, over models.FAMILIES."""
+
+import copy
+import json
+
+import coco_data
+import models
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from optimum_lrpqvit import LRPQConfig, quantize
+from optimum_lrpqvit.architectures import find_family
+from optimum_lrpqvit.architectures.hf_dense import pixel_class_target, query_class_target
+from optimum_lrpqvit.data import coco_from_objects, load_coco, load_image_dataset
+from optimum_lrpqvit.dense_evaluation import (
+    coco_average_precision,
+    evaluate_dense,
+    label_categories,
+    mean_iou,
+)
+from optimum_lrpqvit.lrp import compute_importance
+from optimum_lrpqvit.nn import QuantLinear, is_quantized
+from optimum_lrpqvit.serialization import load_quantized, save_quantized
+
+pycocotools = pytest.importorskip("pycocotools.cocoeval")
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    return coco_data.write_coco(tmp_path_factory.mktemp("coco"), "val", num_images=4)
+
+
+def test_query_target_sums_the_kept_queries_best_real_class():
+    # 2 real classes + "no object"; image 0 keeps queries 0 and 2, image 1 keeps none: its best real logit counts
+    logits = torch.tensor([[[3.0, 1.0, 0.0], [0.0, 1.0, 5.0], [0.5, 2.0, 1.0]],
+                           [[0.0, 1.0, 4.0], [2.0, 0.0, 3.0], [0.0, 0.0, 9.0]]])
+    torch.testing.assert_close(query_class_target(logits), torch.tensor([3.0 + 2.0, 2.0]))
+
+
+def test_pixel_target_averages_the_predicted_class_logit():
+    logits = torch.tensor([[[[1.0, 4.0]], [[2.0, 0.0]]]])  # (1, 2 classes, 1, 2)
+    torch.testing.assert_close(pixel_class_target(logits), torch.tensor([(2.0 + 4.0) / 2]))
+
+
+def test_a_convolutional_backbone_is_refused_naming_the_supported_one():
+    config = transformers.UperNetConfig(backbone_config=transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3",
+                                                                                        "stage4"]),
+        hidden_size=16, auxiliary_channels=8, num_labels=3)
+    model = transformers.UperNetForSemanticSegmentation(config).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(TypeError, match="ResNetBackbone backbone.*SwinBackbone.*Nothing was changed"):
+        quantize(model, LRPQConfig(), models.images(2))
+    assert not is_quantized(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["hf_mask2former", "hf_yolos"])
+def test_quantize_head_quantizes_the_heads_linears_and_round_trips(family, tmp_path):
+    model = quantize(models.FAMILIES[family](), LRPQConfig(w_bits=8, a_bits=8, quantize_head=True), models.images(8))
+    head = find_family(model).head_linears(model)
+    assert head and all(isinstance(model.get_submodule(n), QuantLinear) for n in head)
+    for module in model.modules():  # nn.MultiheadAttention reads its out_proj's weight directly: kept float
+        if isinstance(module, nn.MultiheadAttention):
+            assert not isinstance(module.out_proj, QuantLinear)
+    plan = model.config.quantization_config.bit_plan
+    assert set(head) <= set(plan)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    x = models.images(3, seed=4)
+    assert torch.equal(models.logits(model, x), models.logits(loaded, x))
+    assert loaded.config.quantization_config.bit_plan == plan
+
+
+def test_quantize_head_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="convolutional"):
+        quantize(models.hf_upernet(), LRPQConfig(quantize_head=True), models.images(2))
+    with pytest.raises(ValueError, match="dense-prediction models"):
+        quantize(models.hf_vit(), LRPQConfig(quantize_head=True), models.images(2))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        LRPQConfig(quantize_head=True, mixed_precision=True)
+
+
+@pytest.mark.parametrize("family", sorted(models.DENSE))
+def test_dense_importance_has_no_class_targets_and_drives_mixed_precision(family):
+    model = models.FAMILIES[family]()
+    with pytest.raises(ValueError, match="dense target"):
+        compute_importance(model, models.images(2), targets=[0, 1])
+    scores = compute_importance(model, models.images(4), progress=False)
+    assert set(scores) == set(find_family(model).layout(model).points())
+    assert abs(sum(scores.values()) - 1) < 1e-9 and max(scores.values()) < 1
+    # the tiny YOLOS has only two blocks, too few for the paper rule's first two blocks at w_bits + 1
+    allocation = "budget" if family == "hf_yolos" else "paper"
+    quantized = quantize(model, LRPQConfig(mixed_precision=True, allocation=allocation), models.images(8))
+    bits = {b["w_bits"] for b in quantized.config.quantization_config.bit_plan.values() if b["w_bits"]}
+    assert len(bits) > 1
+
+
+def test_coco_directory_loads_checked_and_gives_calibration_images(coco):
+    split = load_coco(coco, "val")
+    assert split.image_ids == [1, 2, 3, 4] and list(split.category_names) == [10, 11, 12, 13, 14]
+    assert split.image(1).size == (32, 32)
+    images = load_image_dataset(str(coco), "val")
+    assert len(images) == 4 and images[0]["image"].size == (32, 32)
+    with pytest.raises(ValueError, match=r"no annotations/instances_train.json; its COCO splits are \['val'\]"):
+        load_coco(coco, "train")
+
+
+def _broken(coco, tmp_path, change):
+    root = tmp_path / "broken"
+    coco_data.write_coco(root, "val", num_images=2)
+    path = root / "annotations" / "instances_val.json"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+    return root
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["images"][0].update(file_name="missing.png"), r"image 1 names 'missing.png', which is not in"),
+    (lambda d: d["images"][0].update(file_name="../../outside.png"), r"outside .*only files inside"),
+    (lambda d: d["annotations"][0].update(bbox=[30, 0, 10, 5]), r"annotation 1 \(image 1\) has bbox .* outside its 32x32"),
+    (lambda d: d["annotations"][0].update(category_id=99), r"annotation 1 .* category_id 99"),
+    (lambda d: d["annotations"][0].update(image_id=77), r"annotation 1 \(image 77\) names an image that is not"),
+    (lambda d: d.pop("categories"), r"needs the lists 'images', 'annotations' and 'categories'"),
+])
+def test_bad_coco_files_name_the_file_and_the_annotation(coco, tmp_path, change, message):
+    root = _broken(coco, tmp_path, change)
+    with pytest.raises(ValueError, match=message) as error:
+        load_coco(root, "val")
+    assert "instances_val.json" in str(error.value)
+
+
+def test_objects_layout_rows_become_the_same_ground_truth(coco):
+    split = load_coco(coco, "val")
+    rows = []
+    for image_id in split.image_ids:
+        anns = split.coco.loadAnns(split.coco.getAnnIds(imgIds=image_id))
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+        rows.append({"image_id": image_id, "image": split.image(image_id),
+                     "objects": {"bbox": boxes, "category": [a["category_id"] - 10 for a in anns],
+                                 "segmentation": [split.coco.annToMask(a) for a in anns]}})
+    rebuilt = coco_from_objects(rows, coco_data.CATEGORIES, bbox_format="xyxy")
+    for image_id in split.image_ids:
+        original = split.coco.loadAnns(split.coco.getAnnIds(imgIds=image_id))
+        got = rebuilt.coco.loadAnns(rebuilt.coco.getAnnIds(imgIds=image_id))
+        assert [a["bbox"] for a in got] == [a["bbox"] for a in original]
+        for a, b in zip(got, original):
+            assert np.array_equal(rebuilt.coco.annToMask(a), split.coco.annToMask(b))
+
+
+def _ground_truth_results(split, shift: float = 0.0):
+    results = []
+    for ann in split.coco.loadAnns(split.coco.getAnnIds()):
+        x, y, w, h = ann["bbox"]
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"], "score": 0.9,
+                        "bbox": [x + shift, y, w, h]})
+    return results
+
+
+def test_average_precision_is_cocoeval_on_the_same_results(coco):
+    split = load_coco(coco, "val")
+    assert coco_average_precision(split, _ground_truth_results(split), "bbox") == {"AP": 100.0, "AP50": 100.0,
+                                                                                   "AP75": 100.0}
+    shifted = _ground_truth_results(split, shift=2.0)
+    ours = coco_average_precision(split, shifted, "bbox")
+    evaluator = pycocotools.COCOeval(split.coco, split.coco.loadRes(shifted), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert ours == pytest.approx({"AP": 100 * evaluator.stats[0], "AP50": 100 * evaluator.stats[1],
+                                  "AP75": 100 * evaluator.stats[2]})
+    assert 0 < ours["AP"] < 100
+    masks = [{**r, "segmentation": split.coco.annToRLE(a)}
+             for r, a in zip(_ground_truth_results(split), split.coco.loadAnns(split.coco.getAnnIds()))]
+    assert coco_average_precision(split, masks, "segm")["AP"] == 100.0
+
+
+def test_mean_iou_by_hand():
+    prediction = np.array([[0, 0, 1, 1]])
+    target = np.array([[0, 1, 1, 255]])
+    # label 0: TP 1, FP 1, FN 0 → 1/2; label 1: TP 1, FP 0, FN 1 → 1/2 (the ignored pixel counts for neither)
+    assert mean_iou([prediction], [target], num_labels=2) == pytest.approx(50.0)
+
+
+def test_labels_map_to_categories_by_name_then_by_position():
+    categories = {10: "cat", 20: "dog"}
+    assert label_categories({0: "dog", 1: "cat", 2: "background"}, categories) == {0: 20, 1: 10}
+    assert label_categories({0: "LABEL_0", 1: "LABEL_1"}, categories) == {0: 10, 1: 20}
+    with pytest.raises(ValueError, match="match neither the names nor the number"):
+        label_categories({0: "LABEL_0"}, categories)
+
+
+@pytest.mark.parametrize("family", sorted(models.DENSE))
+def test_evaluate_dense_gives_each_tasks_metrics_for_float_and_quantized(family, coco):
+    model = models.FAMILIES[family]()
+    processor = models.processor_for(model)
+    split = load_coco(coco, "val")
+    full = evaluate_dense(model, processor, split)
+    one_image = processor(split.image(1), return_tensors="pt")["pixel_values"]  # the paper calibrates on one
+    quantized = evaluate_dense(quantize(copy.deepcopy(model), LRPQConfig(w_bits=8, a_bits=8), one_image),
+                               processor, split)
+    expected = {"hf_mask2former": {"box", "mask"}, "hf_yolos": {"box"}, "hf_upernet": {"miou"}}[family]
+    assert set(full) == expected | {"num_images"} == set(quantized) and full["num_images"] == 4
+    for metrics in (full, quantized):
+        values = [metrics["miou"]] if "miou" in metrics else [v for k in expected for v in metrics[k].values()]
+        assert all(0 <= v <= 100 for v in values)
+
+
+@pytest.mark.parametrize("family", sorted(models.DENSE))
+def test_quantize_at_load_from_a_local_directory_with_a_coco_calibration_split(family, coco, tmp_path):
+    model = models.FAMILIES[family]()
+    directory = models.save_checkpoint(model, tmp_path / "float")
+    config = LRPQConfig(w_bits=8, a_bits=8, dataset=str(coco), dataset_split="val", num_calibration_samples=1)
+    model_class = type(model)
+    quantized = model_class.from_pretrained(directory, quantization_config=config)
+    assert is_quantized(quantized)
+    # the same seeded draw of one image, preprocessed by the processor saved with the model
+    image = list(load_image_dataset(str(coco), "val", num_samples=1)["image"])
+    pixels = models.processor_for(model)(image, return_tensors="pt")["pixel_values"]
+    reference = quantize(models.FAMILIES[family](), LRPQConfig(w_bits=8, a_bits=8), pixels)
+    x = models.images(2, seed=6)
+    assert torch.equal(models.logits(quantized, x), models.logits(reference, x))
+    quantized.save_pretrained(tmp_path / "quantized")
+    reloaded = model_class.from_pretrained(tmp_path / "quantized")
+    assert torch.equal(models.logits(quantized, x), models.logits(reloaded, x))
