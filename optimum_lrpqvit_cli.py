@@ -132,6 +132,8 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
     q.add_argument("--weight-rounding", default="nearest", choices=weight_rounding,
                    help="weight rounding: nearest, or gptq (error-compensating, one more calibration pass) "
                         "(default: %(default)s)")
+    q.add_argument("--quantize-head", action="store_true",
+                   help="dense models: also quantize the head's Linear layers (default: the backbone only)")
     q.add_argument("--mixed-precision", action="store_true", help="allocate bits per layer by importance")
     q.add_argument("--allocation", default="paper", choices=allocation,
                    help="bit allocation rule of mixed precision (default: %(default)s)")

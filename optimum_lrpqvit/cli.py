@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import shutil
 import sys
@@ -23,7 +24,8 @@ import optimum_lrpqvit_cli as launcher
 
 from .architectures import find_family, transformers_class
 from .config import LRPQConfig
-from .data import load_image_dataset, load_image_processor, preprocess
+from .data import load_coco, load_image_dataset, load_image_processor, preprocess
+from .dense_evaluation import evaluate_dense
 from .evaluation import embedding_fidelity, fidelity, predict_logits
 from .export import compare_with_onnxruntime, example_input_shape, export_onnx
 from .hub import push_directory, save_quantized_model
@@ -57,7 +59,21 @@ def _load_dataset(args: argparse.Namespace, split: str, num_samples: int | None)
 
 def _print_table(rows: list[tuple[str, dict]], title: str) -> None:
     print(title)
-    if "knn_top1" in rows[0][1]:
+    first = rows[0][1]
+    if "miou" in first:
+        print("| model | mIoU (%) |\n|---|---|")
+        for label, r in rows:
+            print(f"| {label} | {r['miou']:.2f} |")
+        return
+    if "box" in first:
+        kinds = [k for k in ("box", "mask") if k in first]
+        print("| model | " + " | ".join(f"{k} AP | {k} AP50 | {k} AP75" for k in kinds) + " |")
+        print("|---|" + "---|" * 3 * len(kinds))
+        for label, r in rows:
+            print(f"| {label} | " + " | ".join(f"{r[k]['AP']:.1f} | {r[k]['AP50']:.1f} | {r[k]['AP75']:.1f}"
+                                               for k in kinds) + " |")
+        return
+    if "knn_top1" in first:
         print("| model | k-NN top-1 (%) | cosine to FP (mean) | cosine to FP (min) |")
         print("|---|---|---|---|")
         for label, r in rows:
@@ -82,15 +98,44 @@ def _index_images(args: argparse.Namespace, model, processor) -> tuple[torch.Ten
     return pixels, labels
 
 
-def _measure(model, pixels: torch.Tensor, labels: torch.Tensor, args: argparse.Namespace, desc: str,
-             reference: torch.Tensor | None = None, index: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(outputs, fidelity) of ``model``: its logits with ``fidelity``, or for a model without a classifier its
-    embeddings with ``embedding_fidelity`` on the k-NN ``index`` images (pixels, labels)."""
-    outputs = predict_logits(model, pixels, batch_size=args.batch_size, desc=desc)
-    if find_family(model).is_classifier(model):
-        return outputs, fidelity(outputs, labels, reference)
-    index_embeddings = predict_logits(model, index[0], batch_size=args.batch_size, desc=f"{desc} (k-NN index)")
-    return outputs, embedding_fidelity(outputs, labels, (index_embeddings, index[1]), reference)
+class _Evaluation:
+    """A command's evaluation images and the measure of a model on them: top-1 with agreement and KL against the
+    first model measured (classifiers), k-NN top-1 and cosine to the first (encoders), or the COCO metrics of
+    ``dense_evaluation`` (dense models, on a COCO directory's split)."""
+
+    def __init__(self, args: argparse.Namespace, model, processor, split: str, num_samples: int | None) -> None:
+        self.args, self.processor, self.split, self.reference = args, processor, split, None
+        self.dense = find_family(model).backbone(model) is not None
+        if self.dense:
+            self.coco = load_coco(args.dataset, split)
+            self.ids = self.coco.image_ids
+            if num_samples is not None and num_samples < len(self.ids):
+                self.ids = sorted(random.Random(args.seed).sample(self.ids, num_samples))
+            self.num_images, self.index = len(self.ids), None
+            return
+        self.pixels, self.labels = preprocess(_load_dataset(args, split, num_samples), processor)
+        if self.labels is None:
+            raise SystemExit(f"error: {args.dataset} ({split}) has no label column to evaluate against.")
+        self.num_images, self.index = len(self.labels), _index_images(args, model, processor)
+
+    def __call__(self, model, desc: str) -> dict:
+        if self.dense:
+            metrics = evaluate_dense(model, self.processor, self.coco, self.ids, self.args.batch_size, desc)
+            return {k: v for k, v in metrics.items() if k != "num_images"}
+        outputs = predict_logits(model, self.pixels, batch_size=self.args.batch_size, desc=desc)
+        if self.index is None:
+            results = fidelity(outputs, self.labels, self.reference)
+        else:
+            index = predict_logits(model, self.index[0], batch_size=self.args.batch_size, desc=f"{desc} (k-NN index)")
+            results = embedding_fidelity(outputs, self.labels, (index, self.index[1]), self.reference)
+        if self.reference is None:
+            self.reference = outputs
+        return results
+
+    def title(self) -> str:
+        title = f"{self.num_images} {self.args.dataset} {self.split} images"
+        return title + ("" if self.index is None else f", k-NN (k=20) over {len(self.index[1])} "
+                        f"{self.args.knn_split} images")
 
 
 def _hub_id(name: object) -> str | None:
@@ -132,7 +177,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     options = {} if args.candidate_bits is None else {"candidate_bits": args.candidate_bits}
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
                         softmax_quantizer=args.softmax_quantizer, gelu_quantizer=args.gelu_quantizer,
-                        weight_rounding=args.weight_rounding,
+                        weight_rounding=args.weight_rounding, quantize_head=args.quantize_head,
                         mixed_precision=args.mixed_precision or scores is not None, allocation=args.allocation,
                         importance=criterion, importance_scores=scores, seed=args.seed, dataset=args.dataset,
                         dataset_split=args.split, num_calibration_samples=args.num_calibration_samples,
@@ -141,10 +186,8 @@ def quantize_command(args: argparse.Namespace) -> int:
     _progress(f"loading {args.model}")
     model, processor = load_float_model(args.model)
     if args.evaluate:  # before quantizing (in place): the full-precision outputs
-        test = _load_dataset(args, args.eval_split, args.num_eval_samples)
-        pixels, labels = preprocess(test, processor)
-        index = _index_images(args, model, processor)
-        fp_outputs, fp_results = _measure(model, pixels, labels, args, "full precision", index=index)
+        evaluation = _Evaluation(args, model, processor, args.eval_split, args.num_eval_samples)
+        fp_results = evaluation(model, "full precision")
     what = (f"LRP importance on {args.num_importance_samples or args.num_calibration_samples} images, then "
             if config.measures_importance else "")
     _progress(f"quantizing: {what}calibration on {args.num_calibration_samples} {args.dataset} images")
@@ -161,16 +204,17 @@ def quantize_command(args: argparse.Namespace) -> int:
     print(f"bit plan: avg weight bits {summary['avg_w_bits']}, avg activation bits {summary['avg_a_bits']}, "
           f"{summary['size_mb']} MB; quantization took {seconds:.1f} s\nquantized model written to {output}")
     if args.evaluate:
-        q_results = _measure(model, pixels, labels, args, "quantized", fp_outputs, index)[1]
-        results = {"dataset": args.dataset, "split": args.eval_split, "num_images": len(labels),
+        q_results = evaluation(model, "quantized")
+        results = {"dataset": args.dataset, "split": args.eval_split, "num_images": evaluation.num_images,
                    "full_precision": fp_results, "quantized": q_results}
         label = " ".join([f"W{args.w_bits}/A{args.a_bits} {args.post_ln}",
                           *([args.softmax_quantizer] if args.softmax_quantizer != "log_sqrt2" else []),
                           *([f"gelu {args.gelu_quantizer}"] if args.gelu_quantizer != "uniform" else []),
                           *([args.weight_rounding] if args.weight_rounding != "nearest" else []),
+                          *(["head quantized"] if args.quantize_head else []),
                           *([f"{applied.importance} mixed ({applied.allocation})"] if applied.mixed_precision else [])])
         _print_table([("full precision", results["full_precision"]), (label, results["quantized"])],
-                     f"{Path(args.model).name} on {len(labels)} {args.dataset} {args.eval_split} images, "
+                     f"{Path(args.model).name} on {evaluation.title()}, "
                      f"{args.num_calibration_samples} calibration images"
                      + (f", {args.num_importance_samples} importance images" if args.num_importance_samples else "")
                      + f" (seed {args.seed})")
@@ -199,21 +243,16 @@ def score_command(args: argparse.Namespace) -> int:
 def evaluate_command(args: argparse.Namespace) -> int:
     model = transformers_class(args.model).from_pretrained(args.model, use_safetensors=True).eval()
     processor = load_image_processor(args.model)
-    pixels, labels = preprocess(_load_dataset(args, args.split, args.num_samples), processor)
-    if labels is None:
-        raise SystemExit(f"error: {args.dataset} ({args.split}) has no label column to evaluate against.")
-    index = _index_images(args, model, processor)
-    rows, results = [], {"model": args.model, "dataset": args.dataset, "split": args.split, "num_images": len(labels)}
-    ref_outputs = None
+    evaluation = _Evaluation(args, model, processor, args.split, args.num_samples)
+    rows, results = [], {"model": args.model, "dataset": args.dataset, "split": args.split,
+                         "num_images": evaluation.num_images}
     if args.reference is not None:
         reference = transformers_class(args.reference).from_pretrained(args.reference, use_safetensors=True).eval()
-        ref_outputs, ref_results = _measure(reference, pixels, labels, args, Path(args.reference).name, index=index)
-        results["reference"] = {"model": args.reference, **ref_results}
+        results["reference"] = {"model": args.reference, **evaluation(reference, Path(args.reference).name)}
         rows.append((f"{args.reference} (reference)", results["reference"]))
-    results["model_results"] = _measure(model, pixels, labels, args, Path(args.model).name, ref_outputs, index)[1]
+    results["model_results"] = evaluation(model, Path(args.model).name)
     rows.append((args.model, results["model_results"]))
-    _print_table(rows, f"{len(labels)} {args.dataset} {args.split} images"
-                 + ("" if index is None else f", k-NN (k=20) over {len(index[1])} {args.knn_split} images"))
+    _print_table(rows, evaluation.title())
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
     return 0

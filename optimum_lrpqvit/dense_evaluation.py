@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .architectures import find_family
 from .data.coco import CocoSplit, pycocotools
 
-__all__ = ["coco_average_precision", "evaluate_dense", "label_categories", "mean_iou", "predict_coco"]
+__all__ = ["coco_average_precision", "evaluate_dense", "label_categories", "mean_iou", "predict_coco",
+           "semantic_target"]
 
 IGNORE = 255
 
@@ -129,9 +130,14 @@ def coco_average_precision(split: CocoSplit, results: list[dict], iou_type: str,
     return {k: max(0.0, 100 * float(v)) for k, v in zip(("AP", "AP50", "AP75"), evaluator.stats[:3])}
 
 
-def _ground_truth_map(split: CocoSplit, image_id: int, categories: dict[int, int], background: int) -> np.ndarray:
-    info = split.coco.loadImgs(image_id)[0]
+def semantic_target(split: CocoSplit, image_id: int, config: Any) -> np.ndarray:
+    """The ground-truth label map (H, W) of an image for a semantic-segmentation model with ``config``
+    (``id2label``): every instance mask painted with its category's label, in annotation order; the other pixels
+    the label named ``background``, or ``IGNORE`` where there is none."""
+    categories = label_categories(config.id2label, split.category_names)
     label_of = {cid: label for label, cid in categories.items()}
+    background = next((int(i) for i, n in config.id2label.items() if n == "background"), IGNORE)
+    info = split.coco.loadImgs(image_id)[0]
     target = np.full((info["height"], info["width"]), background, dtype=np.int64)
     for ann in split.coco.loadAnns(split.coco.getAnnIds(imgIds=image_id, iscrowd=None)):
         if "segmentation" in ann:
@@ -163,11 +169,8 @@ def evaluate_dense(model: nn.Module, processor: Any, split: CocoSplit, image_ids
     results = predict_coco(model, processor, split, ids, batch_size=batch_size, desc=desc)
     metrics: dict[str, Any] = {"num_images": len(ids)}
     if _task(model) == "semantic":
-        categories = label_categories(model.config.id2label, split.category_names)
-        names = {int(i): n for i, n in model.config.id2label.items()}
-        background = next((i for i, n in names.items() if n == "background"), IGNORE)
-        targets = [_ground_truth_map(split, r["image_id"], categories, background) for r in results]
-        metrics["miou"] = mean_iou([r["label_map"] for r in results], targets, len(names))
+        targets = [semantic_target(split, r["image_id"], model.config) for r in results]
+        metrics["miou"] = mean_iou([r["label_map"] for r in results], targets, len(model.config.id2label))
         return metrics
     metrics["box"] = coco_average_precision(split, results, "bbox", ids)
     if _task(model) == "instance":

@@ -53,7 +53,8 @@ def save_quantized_model(
     if figure is not None:
         layout = find_family(model).layout(model)
         plot_importance(config.importance_scores, config.bit_plan, layout.block_of, directory / figure,
-                        title=f"{config.importance} importance and bit plan ({config.allocation} rule)")
+                        title=f"{config.importance} importance and bit plan ({config.allocation} rule)",
+                        num_blocks=len(layout.attentions))
     if results is not None:
         (directory / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (directory / "README.md").write_text(card)

@@ -29,6 +29,9 @@ _RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.top1", "quanti
                 "quantized.kl")
 _ENCODER_RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.knn_top1", "quantized.knn_top1",
                         "quantized.cosine", "quantized.cosine_min")
+_SEGMENTATION_RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.miou", "quantized.miou")
+_DETECTION_RESULT_KEYS = ("dataset", "split", "num_images", "full_precision.box.AP", "quantized.box.AP",
+                          "quantized.box.AP50", "quantized.box.AP75")
 
 
 def _check_results(results: object) -> None:
@@ -41,13 +44,34 @@ def _check_results(results: object) -> None:
             node = node[part]
         return True
 
-    keys = _ENCODER_RESULT_KEYS if has("quantized.knn_top1") else _RESULT_KEYS
+    keys = next((keys for probe, keys in (("quantized.knn_top1", _ENCODER_RESULT_KEYS),
+                                          ("quantized.miou", _SEGMENTATION_RESULT_KEYS),
+                                          ("quantized.box", _DETECTION_RESULT_KEYS)) if has(probe)), _RESULT_KEYS)
     missing = [k for k in keys if not has(k)]
     if missing:
         raise ValueError(f"results lacks {missing}: it must be the dict `lrpqvit evaluate --output` writes, "
                          "{'dataset', 'split', 'num_images', 'full_precision': {'top1'}, 'quantized': {'top1', "
                          "'agreement', 'kl'}} (a model without a classifier: 'knn_top1' for 'top1', 'cosine' and "
-                         "'cosine_min' for 'agreement' and 'kl').")
+                         "'cosine_min' for 'agreement' and 'kl'; a dense model: 'miou', or 'box' (and 'mask') "
+                         "{'AP', 'AP50', 'AP75'}).")
+
+
+def _headline(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key path, metric name, metric type) of the results that go into the card's model-index."""
+    quantized = results["quantized"]
+    if "top1" in quantized:
+        return [("top1", "top-1 accuracy", "accuracy")]
+    if "knn_top1" in quantized:
+        return [("knn_top1", "k-NN top-1", "accuracy")]
+    if "miou" in quantized:
+        return [("miou", "mIoU", "mean_iou")]
+    return [(f"{kind}.AP", f"{kind} AP", "mAP") for kind in ("box", "mask") if kind in quantized]
+
+
+def _at(results: dict[str, Any], path: str) -> float:
+    for part in path.split("."):
+        results = results[part]
+    return results
 
 
 def _mix(counts: Mapping[int, float], unit: str) -> str:
@@ -97,19 +121,16 @@ def render_model_card(
     config = applied_config(model)
     summary = config.bit_plan_summary
     name = str(name or getattr(model, "name_or_path", None) or type(model).__name__)
-    classifier = find_family(model).is_classifier(model)
-    task = "image-classification" if classifier else "image-feature-extraction"
+    task = find_family(model).pipeline_task(model)
     eval_results = None
     if results is not None:
         _check_results(results)
         common = dict(task_type=task, dataset_type=_dataset_id(results["dataset"]), dataset_name=results["dataset"],
-                      dataset_split=results["split"], metric_type="accuracy")
-        key, metric = ("top1", "top-1 accuracy") if "top1" in results["quantized"] else ("knn_top1", "k-NN top-1")
-        eval_results = [
-            EvalResult(metric_name=f"{metric}, full precision", metric_value=round(results["full_precision"][key], 2),
-                       **common),
-            EvalResult(metric_name=f"{metric}, quantized", metric_value=round(results["quantized"][key], 2), **common),
-        ]
+                      dataset_split=results["split"])
+        eval_results = [EvalResult(metric_name=f"{metric}, {label}", metric_type=kind,
+                                   metric_value=round(_at(results[which], key), 2), **common)
+                        for key, metric, kind in _headline(results)
+                        for which, label in (("full_precision", "full precision"), ("quantized", "quantized"))]
     datasets = sorted({d for d in (_dataset_id(config.dataset), results and _dataset_id(results["dataset"])) if d})
     card_data = ModelCardData(
         license=license,
@@ -132,7 +153,7 @@ def render_model_card(
         if bits["w_bits"] is not None:
             weights[bits["w_bits"]] += 100.0 * numel[point] / sum(numel.values())
         activations[bits["a_bits"]] += 100.0 / len(plan)
-    roles, rows = bit_plan_grid(plan, layout.block_of)
+    roles, rows = bit_plan_grid(plan, layout.block_of, len(layout.attentions))
     total = sum(importance.values()) if importance else 1.0
 
     def cell(point: str) -> str:

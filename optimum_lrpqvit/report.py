@@ -26,17 +26,19 @@ def _order(role: str) -> tuple[int, str]:
     return (min(ranks) if ranks else len(_EXECUTION_ORDER), role)
 
 
-def bit_plan_grid(bit_plan: Mapping[str, Mapping[str, int | None]],
-                  block_of: Mapping[str, int]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+def bit_plan_grid(bit_plan: Mapping[str, Mapping[str, int | None]], block_of: Mapping[str, int],
+                  num_blocks: int | None = None) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The roles of the transformer blocks in execution order, and the rows of a bit plan: ``(label, points)``
-    for the patch embedding, every block (points in role order) and the heads."""
-    last = max(block_of[p] for p in bit_plan)
+    for the patch embedding, every block (points in role order) and the heads (the points of blocks from
+    ``num_blocks`` on; by default those of the last block index: a model without quantized heads names
+    ``num_blocks``)."""
+    last = max(block_of[p] for p in bit_plan) if num_blocks is None else num_blocks
     blocks = sorted({block_of[p] for p in bit_plan if 0 <= block_of[p] < last})
     roles = sorted({role_of(p) for p in bit_plan if block_of[p] in blocks}, key=_order)
     rows = [("patch embedding", [p for p in bit_plan if block_of[p] < 0])]
     rows += [(f"block {b}", sorted((p for p in bit_plan if block_of[p] == b), key=lambda p: roles.index(role_of(p))))
              for b in blocks]
-    rows.append(("heads", [p for p in bit_plan if block_of[p] == last]))
+    rows.append(("heads", [p for p in bit_plan if block_of[p] >= last]))
     return roles, [(label, points) for label, points in rows if points]
 
 
@@ -46,6 +48,7 @@ def plot_importance(
     block_of: Mapping[str, int],
     path: str | os.PathLike,
     title: str = "",
+    num_blocks: int | None = None,
 ) -> None:
     """Save a PNG of a bit plan. Left: one row per transformer block (and rows for the patch embedding and the
     heads), one column per role in execution order; each cell coloured and labelled by its bits (weight bits,
@@ -57,7 +60,7 @@ def plot_importance(
     import matplotlib.pyplot as plt
     from matplotlib.colors import BoundaryNorm
 
-    roles, rows = bit_plan_grid(bit_plan, block_of)
+    roles, rows = bit_plan_grid(bit_plan, block_of, num_blocks)
     width = max(len(roles), max(len(points) for _, points in rows))
 
     cmap = plt.get_cmap("viridis", 7)

@@ -229,3 +229,37 @@ def test_quantize_at_load_from_a_local_directory_with_a_coco_calibration_split(f
     quantized.save_pretrained(tmp_path / "quantized")
     reloaded = model_class.from_pretrained(tmp_path / "quantized")
     assert torch.equal(models.logits(quantized, x), models.logits(reloaded, x))
+
+
+@pytest.mark.parametrize("family, options, table", [
+    ("hf_upernet", [], "| model | mIoU (%) |"),
+    ("hf_mask2former", ["--quantize-head"], "| model | box AP | box AP50 | box AP75 | mask AP | mask AP50 | mask AP75 |"),
+])
+def test_the_command_line_quantizes_and_evaluates_on_a_coco_directory(family, options, table, coco, tmp_path, capsys):
+    from optimum_lrpqvit import cli
+
+    float_dir = models.save_checkpoint(models.FAMILIES[family](), tmp_path / "float")
+    out = tmp_path / "out"
+    assert cli.main(["quantize", float_dir, str(out), "--dataset", str(coco), "--split", "val", "--w-bits", "8",
+                     "--a-bits", "8", "--num-calibration-samples", "1", "--evaluate", "--eval-split", "val",
+                     *options]) == 0
+    printed = capsys.readouterr().out
+    assert table in printed and "| full precision |" in printed
+    card = (out / "README.md").read_text()
+    assert "## Quality" in card and table.split(" | ")[1] in card and "pipeline_tag: image-segmentation" in card
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quantize_head"] == bool(options)
+    assert cli.main(["evaluate", str(out), "--dataset", str(coco), "--split", "val", "--reference", float_dir,
+                     "--output", str(tmp_path / "results.json")]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["num_images"] == 4 and results["reference"].keys() - {"model"} == results["model_results"].keys()
+
+
+@pytest.mark.parametrize("family, task", [("hf_mask2former", "image-segmentation"),
+                                          ("hf_upernet", "image-segmentation"), ("hf_yolos", "object-detection")])
+def test_a_saved_quantized_dense_model_runs_in_its_pipeline(family, task, coco, tmp_path):
+    model = quantize(models.FAMILIES[family](), LRPQConfig(w_bits=8, a_bits=8), models.images(4))
+    models.save_checkpoint(model, tmp_path)
+    predictions = transformers.pipeline(task, model=str(tmp_path))(load_coco(coco, "val").image(1))
+    assert isinstance(predictions, list)
+    if task == "image-segmentation" and family == "hf_upernet":  # one segment per predicted class
+        assert predictions and all(p["mask"].size == (32, 32) for p in predictions)

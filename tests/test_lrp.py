@@ -69,11 +69,12 @@ def test_relevance_is_conserved_per_sample_through_every_block(family):
 
 
 @pytest.mark.parametrize("family", ["hf_vit", "hf_deit_teacher", "hf_swin", "timm_vit", "timm_swin", "hf_dinov2",
-                                    "hf_beit", "hf_siglip_vision", "hf_clip_model", "hf_vit_mae", "hf_swinv2"])
+                                    "hf_beit", "hf_siglip_vision", "hf_clip_model", "hf_vit_mae", "hf_swinv2",
+                                    *models.DENSE])
 def test_a_batch_gives_exactly_the_single_image_results(family):
     model = models.FAMILIES[family]()
     x = models.images(4, seed=2)
-    targets = None if family in models.EMBEDDERS else torch.tensor([0, 3, 1, 4])
+    targets = None if family in models.EMBEDDERS or family in models.DENSE else torch.tensor([0, 3, 1, 4])
     batched = image_contributions(model, x, targets)
     for i in range(4):
         single = image_contributions(model, x[i:i + 1], None if targets is None else targets[i:i + 1])

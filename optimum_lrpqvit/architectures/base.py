@@ -78,6 +78,10 @@ class Family(abc.ABC):
         """Whether ``logits`` gives class logits (else an image embedding)."""
         return True
 
+    def pipeline_task(self, model: nn.Module) -> str:
+        """The transformers ``pipeline`` task of ``model`` (the model card's pipeline tag)."""
+        return "image-classification" if self.is_classifier(model) else "image-feature-extraction"
+
     def backbone(self, model: nn.Module) -> str | None:
         """For a dense-prediction model, the name of the backbone module whose outputs feed its float head (LRP
         relevance enters the backbone there, see ``relevance_target``); None for classifiers and encoders."""

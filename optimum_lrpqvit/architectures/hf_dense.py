@@ -119,6 +119,9 @@ class _HFSwinDense(_DenseFamily):
     backbone_paths = {Mask2FormerForUniversalSegmentation: "model.pixel_level_module.encoder",
                       UperNetForSemanticSegmentation: "backbone"}
 
+    def pipeline_task(self, model: nn.Module) -> str:
+        return "image-segmentation"
+
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         output = model(pixel_values=pixel_values)
         return output.logits if isinstance(model, UperNetForSemanticSegmentation) else output.class_queries_logits
@@ -156,6 +159,9 @@ class _HFYolos(_DenseFamily):
     names = BlockNames(attention="attention.attention",
                        qkv=tuple(f"attention.attention.{p}" for p in ("query", "key", "value")),
                        out_proj="attention.output.dense", fc1="intermediate.dense", fc2="output.dense")
+
+    def pipeline_task(self, model: nn.Module) -> str:
+        return "object-detection"
 
     def logits(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=pixel_values).logits
