@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -36,6 +35,7 @@ from .nn import (
     calibration,
     is_quantized,
     pack_weights,
+    realign,
 )
 from .post_ln import post_ln_treatment
 from .registry import GELU_QUANTIZERS, SOFTMAX_QUANTIZERS
@@ -112,6 +112,8 @@ def prepare_model(model: nn.Module, family: Family, layout: Layout, plan: BitPla
             shared = SharedInput()
             for name in names:
                 model.get_submodule(name).input_quantizer.shared_input = shared
+    if treatment.reparameterises:
+        family.install_pad_values(model)
     softmax_quantizer = SOFTMAX_QUANTIZERS.get(config.softmax_quantizer)
     conv = model.get_submodule(layout.patch_embed)
     bits = plan[layout.patch_embed]
@@ -136,7 +138,10 @@ def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig
         ref = linears[0].input_quantizer
         scale, zero_point = treatment.before_reparam(ref.scale, ref.zero_point, config.crl_k)
         r, b, target_scale, target_zero = reparam_factors(scale, zero_point)
-        reparameterize(model.get_submodule(norm_name), linears, r, b)
+        norm = model.get_submodule(norm_name)
+        reparameterize(norm, linears, r, b)
+        if hasattr(norm, "pad_value"):  # a block that pads X' must pad with the image of X = 0
+            norm.pad_value.copy_(-b)
         low = -target_zero * target_scale
         high = low + target_scale * (2**ref.bits - 1)
         for linear in linears:
@@ -195,6 +200,7 @@ def _restorer(model: nn.Module, family: Family, layout: Layout) -> Callable[[], 
     @torch.no_grad()
     def restore() -> None:
         family.remove_attention(model, layout)
+        family.remove_pad_values(model)
         for attn in layout.attentions:
             module = model.get_submodule(attn)
             for point in ("matmul1", "matmul2"):
@@ -240,12 +246,6 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
     pixels = pixels.to(device=param.device, dtype=param.dtype)
 
     layout = family.quantized_layout(model, config)
-    padded = family.padded_after_norm(model, *pixels.shape[-2:])
-    if padded and post_ln_treatment(config.post_ln).reparameterises:
-        warnings.warn(f"{len(padded)} blocks ({padded[0]}, ...) zero-pad their LayerNorm output to a multiple of "
-                      f"the window for {tuple(pixels.shape[-2:])} images, where post_ln={config.post_ln!r} is not "
-                      "exact (logits typically move by 1-2 %). Use an image size whose feature maps the window "
-                      "divides, or post_ln='channelwise'.", stacklevel=2)
     importance = None if importance_data is None else as_pixel_values(importance_data, *shape).to(param.device)
     restore = _restorer(model, family, layout)
     try:
@@ -259,6 +259,7 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
         prepare_model(model, family, layout, plan, config)
         calibrate(model, family, layout, config, pixels)
         pack_weights(model)
+        realign(model)  # the float layers reloaded from the checkpoint will be aligned too: same rounding
         applied = read_bit_plan(model, layout)
     except BaseException:
         restore()  # a failed (or interrupted) quantization leaves the float model as it was

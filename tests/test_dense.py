@@ -263,3 +263,62 @@ def test_a_saved_quantized_dense_model_runs_in_its_pipeline(family, task, coco, 
     assert isinstance(predictions, list)
     if task == "image-segmentation" and family == "hf_upernet":  # one segment per predicted class
         assert predictions and all(p["mask"].size == (32, 32) for p in predictions)
+
+
+# Swin-T as published (microsoft/swin-tiny-patch4-window7-224), the backbone of facebook/mask2former-swin-tiny-coco-
+# instance and openmmlab/upernet-swin-tiny; the heads with those checkpoints' config values. Random weights, no download.
+SWIN_T = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
+              out_features=["stage1", "stage2", "stage3", "stage4"])
+FULL_SIZE = {
+    "mask2former-swin-tiny-coco-instance": lambda: transformers.Mask2FormerForUniversalSegmentation(
+        transformers.Mask2FormerConfig(backbone_config=transformers.SwinConfig(**SWIN_T), num_labels=80)),
+    "upernet-swin-tiny": lambda: transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(
+        backbone_config=transformers.SwinConfig(**SWIN_T), hidden_size=512, auxiliary_in_channels=384,
+        num_labels=150)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+def test_full_size_dense_models_reparameterise_exactly_stay_close_at_w8a8_and_round_trip(name, tmp_path):
+    from optimum_lrpqvit import quantizers_disabled
+    from optimum_lrpqvit.bit_plan import BitPlan
+    from optimum_lrpqvit.quantize import calibrate, prepare_model
+
+    torch.manual_seed(0)
+    model = FULL_SIZE[name]().eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))  # 56, 28, 14, 7: windows of 7 fit
+    expected = models.logits(model, x)
+
+    reparameterised = copy.deepcopy(model)
+    config = LRPQConfig(post_ln="repq")
+    adapter = find_family(reparameterised)
+    layout = adapter.layout(reparameterised)
+    assert len(layout.attentions) == 12 and not layout.linears[-1].startswith("model.transformer_module")
+    prepare_model(reparameterised, adapter, layout, BitPlan.fixed(layout, 4, 4), config)
+    calibrate(reparameterised, adapter, layout, config, x)
+    with quantizers_disabled(reparameterised):
+        torch.testing.assert_close(models.logits(reparameterised, x), expected, atol=1e-4, rtol=1e-3)
+    del reparameterised
+
+    quantized = quantize(model, LRPQConfig(w_bits=8, a_bits=8), x)
+    got = models.logits(quantized, x)
+    classes = -1 if got.dim() == 3 else 1  # Mask2Former: per query; UperNet: per pixel
+    assert (got - expected).norm() / expected.norm() < 0.05
+    assert (got.argmax(classes) == expected.argmax(classes)).float().mean() > 0.9
+    save_quantized(quantized, tmp_path)
+    assert torch.equal(models.logits(load_quantized(tmp_path), x), got)
+
+
+def test_the_optimum_quantizer_takes_a_dense_checkpoint_and_a_coco_directory(coco, tmp_path):
+    from optimum_lrpqvit import LRPQuantizer
+
+    float_dir = models.save_checkpoint(models.hf_yolos(), tmp_path / "float")
+    quantizer = LRPQuantizer.from_pretrained(float_dir)
+    config = LRPQConfig(w_bits=8, a_bits=8, dataset=str(coco), dataset_split="val", num_calibration_samples=2,
+                        quantize_head=True)
+    model = quantizer.quantize(tmp_path / "out", config=config)
+    assert isinstance(model, transformers.YolosForObjectDetection) and is_quantized(model)
+    loaded = load_quantized(tmp_path / "out")
+    x = models.images(2, seed=8)
+    assert torch.equal(models.logits(model, x), models.logits(loaded, x))
+    assert loaded.config.quantization_config.quantize_head

@@ -5,13 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_lrpqvit import LRPQConfig, quantizers_disabled
+from optimum_lrpqvit import LRPQConfig, quantize, quantizers_disabled
 from optimum_lrpqvit.architectures import find_family
 from optimum_lrpqvit.bit_plan import BitPlan, PointBits
 from optimum_lrpqvit.nn import QuantLinear
 from optimum_lrpqvit.quantize import calibrate, prepare_model
 from optimum_lrpqvit.quantizers import fake_quant_uniform, search_uniform_params
 from optimum_lrpqvit.reparam import clip_channel_params, reparam_factors, reparameterize
+from optimum_lrpqvit.serialization import load_quantized, save_quantized
 
 
 def _channel_params(c: int = 16, seed: int = 0):
@@ -123,3 +124,39 @@ def test_outlier_injection_keeps_the_function_and_widens_channels(family):
     torch.testing.assert_close(models.logits(model, x), expected, atol=1e-4, rtol=1e-4)
     after = channel_range_ratio(model, x)
     assert all(after[n] > 5 * before[n] for n in before)
+
+
+@pytest.mark.parametrize("family", ["hf_swin", "hf_upernet", "hf_mask2former"])
+def test_swin_blocks_that_pad_the_normed_map_stay_exact(family):
+    model = models.FAMILIES[family]()
+    x = torch.randn(3, 3, 20, 12, generator=torch.Generator().manual_seed(0))  # maps the windows do not divide
+    expected = models.logits(model, x)
+    config = LRPQConfig(post_ln="crl", crl_k=0.5)
+    adapter = find_family(model)
+    layout = adapter.layout(model)
+    prepare_model(model, adapter, layout, BitPlan.fixed(layout, 4, 4), config)
+    calibrate(model, adapter, layout, config, x)
+    with quantizers_disabled(model):
+        torch.testing.assert_close(models.logits(model, x), expected, atol=5e-5, rtol=1e-4)
+        adapter.remove_pad_values(model)  # padding X' with 0 is what made it inexact
+        assert (models.logits(model, x) - expected).abs().max() > 1e-3
+
+
+def test_swin_checkpoints_without_pad_values_still_load_and_pad_with_zero(tmp_path):
+    model = quantize(models.hf_swin(), LRPQConfig(), models.images(8))
+    find_family(model).remove_pad_values(model)  # as versions before pad values saved it
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert not any(name.endswith("pad_value") for name, _ in loaded.named_buffers())
+    x = torch.randn(2, 3, 20, 12)
+    assert torch.equal(models.logits(loaded, x), models.logits(model, x))
+
+
+def test_pad_values_are_saved_and_loaded_with_the_model(tmp_path):
+    x = torch.randn(4, 3, 20, 12, generator=torch.Generator().manual_seed(3))
+    model = quantize(models.hf_swin(), LRPQConfig(), x)
+    save_quantized(model, tmp_path)
+    loaded = load_quantized(tmp_path)
+    pads = {n: b for n, b in loaded.named_buffers() if n.endswith("pad_value")}
+    assert len(pads) == 6 and all(b.abs().max() > 0 for b in pads.values())
+    assert torch.equal(models.logits(loaded, x), models.logits(model, x))

@@ -105,10 +105,14 @@ class Family(abc.ABC):
         """(block, forward) pairs that, installed per instance, route every residual addition through
         ``relevance.residual_add`` (used during importance scoring only)."""
 
-    def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
-        """The blocks that zero-pad a LayerNorm's output for (height, width) inputs, where reparameterisation is
-        not exact (a padded 0 in X' = X / r − b stands for r ⊙ b in X). None in most families."""
-        return []
+    def install_pad_values(self, model: nn.Module) -> None:
+        """For blocks that zero-pad a LayerNorm's output (Swin pads the normed map to a multiple of its window):
+        register a ``pad_value`` buffer (zeros) on that LayerNorm and pad with it instead, so that
+        reparameterisation, which sets it to the image of 0 (X' = X / r − b: −b), stays exact for every input
+        size. This model instance only; undone by ``remove_pad_values``. Nothing in most families."""
+
+    def remove_pad_values(self, model: nn.Module) -> None:
+        """Undo ``install_pad_values``."""
 
     def export_problem(self, model: nn.Module) -> str | None:
         """Why ``model`` cannot be exported to ONNX, or None where it can."""

@@ -14,7 +14,7 @@ replaces their attention modules' ``forward`` per instance).
 from __future__ import annotations
 
 import functools
-import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,7 +39,8 @@ from ..relevance import pass_through, residual_add
 from .base import Family, Layout, install_instance_forward, quantized_attention, remove_instance_forward
 
 __all__ = ["ATTN_IMPLEMENTATION", "BlockNames", "HF_SWIN", "HF_VIT", "HFFamily", "check_modules",
-           "is_transformers_model", "pre_norm_layer_forward", "swin_padded_blocks", "swin_layer_forward"]
+           "install_swin_pad_values", "is_transformers_model", "pre_norm_layer_forward", "remove_swin_pad_values",
+           "swin_layer_forward"]
 
 ATTN_IMPLEMENTATION = "lrpqvit"
 _PREVIOUS_ATTN = "_lrpqvit_previous_attn_implementation"
@@ -287,25 +288,37 @@ class _HFSwin(HFFamily):
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return model.config.num_channels, None, None  # Swin pads any size
 
-    def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
-        prefix = "swin." if self.is_classifier(model) else ""
-        return swin_padded_blocks(model.config, prefix, height, width, shrink_window=True)
+    def install_pad_values(self, model: nn.Module) -> None:
+        install_swin_pad_values(self.layers(model))
+
+    def remove_pad_values(self, model: nn.Module) -> None:
+        remove_swin_pad_values(self.layers(model))
 
 
-def swin_padded_blocks(config, prefix: str, height: int, width: int, shrink_window: bool) -> list[str]:
-    """The ``SwinLayer`` names (``{prefix}encoder.layers.{i}.blocks.{j}``) that pad their normed input for
-    (height, width) images: a map that the window does not divide is padded to a multiple of it. The map is the
-    patch grid, halved (rounded up) by every patch merging; ``shrink_window``: the window shrinks to a smaller map
-    (``SwinModel``; ``SwinBackbone`` always partitions with the configured window)."""
-    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
-    h, w = math.ceil(height / patch), math.ceil(width / patch)
-    padded = []
-    for i, depth in enumerate(config.depths):
-        window = min(config.window_size, h, w) if shrink_window else config.window_size
-        if h % window or w % window:
-            padded += [f"{prefix}encoder.layers.{i}.blocks.{j}" for j in range(depth)]
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    return padded
+def _maybe_pad_with_value(self: SwinLayer, hidden_states: torch.Tensor, height: int, width: int):
+    """``SwinLayer.maybe_pad`` with the padded positions set to ``layernorm_before.pad_value`` (per channel)
+    instead of 0."""
+    padded, pad_values = type(self).maybe_pad(self, hidden_states, height, width)
+    if pad_values[3] or pad_values[5]:
+        inside = torch.zeros(padded.shape[1:3], dtype=torch.bool, device=padded.device)
+        inside[:height, :width] = True
+        padded = torch.where(inside[:, :, None], padded, self.layernorm_before.pad_value.to(padded.dtype))
+    return padded, pad_values
+
+
+def install_swin_pad_values(layers: list[tuple[str, nn.Module]]) -> None:
+    """``Family.install_pad_values`` for ``SwinLayer``s: a ``pad_value`` buffer on each ``layernorm_before`` and the
+    layer's ``maybe_pad`` replaced per instance by one that pads with it."""
+    for _, layer in layers:
+        norm = layer.layernorm_before
+        norm.register_buffer("pad_value", torch.zeros_like(norm.bias))
+        layer.maybe_pad = types.MethodType(_maybe_pad_with_value, layer)
+
+
+def remove_swin_pad_values(layers: list[tuple[str, nn.Module]]) -> None:
+    for _, layer in layers:
+        layer.__dict__.pop("maybe_pad", None)
+        layer.layernorm_before._buffers.pop("pad_value", None)
 
 
 HF_VIT = _HFViT()

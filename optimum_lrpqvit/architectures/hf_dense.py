@@ -27,7 +27,7 @@ from transformers.models.yolos.modeling_yolos import YolosLayer, YolosModel
 
 from ..relevance import residual_add
 from .base import Layout
-from .hf import BlockNames, HFFamily, swin_layer_forward, swin_padded_blocks
+from .hf import BlockNames, HFFamily, install_swin_pad_values, remove_swin_pad_values, swin_layer_forward
 
 __all__ = ["HF_SWIN_DENSE", "HF_YOLOS", "pixel_class_target", "query_class_target"]
 
@@ -135,10 +135,11 @@ class _HFSwinDense(_DenseFamily):
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return model.config.backbone_config.num_channels, None, None
 
-    def padded_after_norm(self, model: nn.Module, height: int, width: int) -> list[str]:
-        # SwinBackbone always partitions with the configured window, however small the map
-        return swin_padded_blocks(model.config.backbone_config, f"{self.tower(model)}swin.", height, width,
-                                  shrink_window=False)
+    def install_pad_values(self, model: nn.Module) -> None:
+        install_swin_pad_values(self.layers(model))
+
+    def remove_pad_values(self, model: nn.Module) -> None:
+        remove_swin_pad_values(self.layers(model))
 
 
 def _yolos_layer_forward(self: YolosLayer, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:

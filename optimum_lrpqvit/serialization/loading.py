@@ -22,6 +22,7 @@ from ..nn import (
     QuantMatMul,
     UniformQuantizer,
     is_quantized,
+    realign,
     weight_placeholder,
 )
 from ..packing import packed_nbytes
@@ -124,6 +125,8 @@ def prepare_packed_loading(model: nn.Module, config: LRPQConfig, tensors: Mappin
     layout = family.quantized_layout(model, config)
     plan = _bit_plan(config, layout, source)
     prepare_model(model, family, layout, plan, config)
+    if not any(key.endswith(".pad_value") for key in specs):
+        family.remove_pad_values(model)  # saved before pad values were kept: such a model pads with 0
     for name, module in weight_modules(model).items():
         stored = specs.get(f"{name}.weight_zero_point")
         zero_dtype = stored.dtype if stored is not None and stored.dtype == torch.float32 else torch.int16
@@ -194,6 +197,7 @@ def finish_packed_loading(model: nn.Module, source: str = "checkpoint") -> None:
     for quantizer, _ in _activation_quantizers(model).values():
         if isinstance(quantizer, UniformQuantizer):
             quantizer.channelwise = quantizer.scale.dim() > 0
+    realign(model)
 
 
 def _check_values(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str,
