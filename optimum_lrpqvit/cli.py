@@ -24,7 +24,7 @@ import optimum_lrpqvit_cli as launcher
 
 from .architectures import find_family, transformers_class
 from .config import LRPQConfig
-from .data import load_coco, load_image_dataset, load_image_processor, preprocess
+from .data import load_coco_split, load_image_dataset, load_image_processor, preprocess
 from .dense_evaluation import evaluate_dense
 from .evaluation import embedding_fidelity, fidelity, predict_logits
 from .export import compare_with_onnxruntime, example_input_shape, export_onnx
@@ -107,9 +107,9 @@ class _Evaluation:
         self.args, self.processor, self.split, self.reference = args, processor, split, None
         self.dense = find_family(model).backbone(model) is not None
         if self.dense:
-            self.coco = load_coco(args.dataset, split)
+            self.coco = load_coco_split(args.dataset, split, num_samples=num_samples, seed=args.seed)
             self.ids = self.coco.image_ids
-            if num_samples is not None and num_samples < len(self.ids):
+            if num_samples is not None and num_samples < len(self.ids):  # a COCO directory: all of its images
                 self.ids = sorted(random.Random(args.seed).sample(self.ids, num_samples))
             self.num_images, self.index = len(self.ids), None
             return

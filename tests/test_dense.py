@@ -322,3 +322,29 @@ def test_the_optimum_quantizer_takes_a_dense_checkpoint_and_a_coco_directory(coc
     x = models.images(2, seed=8)
     assert torch.equal(models.logits(model, x), models.logits(loaded, x))
     assert loaded.config.quantization_config.quantize_head
+
+
+def test_a_dataset_in_the_objects_layout_is_evaluated_like_the_coco_directory(coco, tmp_path):
+    import datasets
+
+    from optimum_lrpqvit.data import load_coco_split
+
+    split = load_coco(coco, "val")
+    rows = {"image": [], "objects": []}
+    for image_id in split.image_ids:
+        anns = split.coco.loadAnns(split.coco.getAnnIds(imgIds=image_id))
+        rows["image"].append(split.image(image_id))
+        rows["objects"].append({"bbox": [a["bbox"] for a in anns], "category": [a["category_id"] - 10 for a in anns]})
+    features = datasets.Features({"image": datasets.Image(), "objects": datasets.Sequence({
+        "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+        "category": datasets.ClassLabel(names=coco_data.CATEGORIES)})})
+    datasets.DatasetDict({"val": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(tmp_path / "hub")
+    objects = load_coco_split(str(tmp_path / "hub"), "val")
+    assert objects.category_names == dict(enumerate(coco_data.CATEGORIES)) and len(objects.image_ids) == 4
+    shifted = _ground_truth_results(split, shift=2.0)
+    renumbered = [{**r, "image_id": r["image_id"] - 1, "category_id": r["category_id"] - 10} for r in shifted]
+    assert coco_average_precision(objects, renumbered, "bbox") == coco_average_precision(split, shifted, "bbox")
+    model = models.hf_yolos()
+    assert evaluate_dense(model, models.processor_for(model), objects).keys() == {"num_images", "box"}
+    with pytest.raises(ValueError, match="neither a COCO directory .* nor a dataset with an 'objects' column"):
+        load_coco_split("fashion_mnist", "test", num_samples=2)

@@ -29,7 +29,7 @@ from .fashion_mnist import (
     read_idx,
 )
 from .pixels import images_to_pixel_values, load_image_processor, preprocess
-from .sources import load_image_dataset, prepare_image_dataset
+from .sources import load_coco_split, load_image_dataset, prepare_image_dataset
 
 __all__ = [
     "CocoSplit",
@@ -42,6 +42,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_fashion_mnist_arrays",
     "load_coco",
+    "load_coco_split",
     "load_image_processor",
     "load_image_dataset",
     "prepare_image_dataset",

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .coco import coco_image_paths, coco_splits
+from .coco import CocoSplit, coco_from_objects, coco_image_paths, coco_splits, load_coco
 from .fashion_mnist import load_fashion_mnist
 
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["load_image_dataset", "prepare_image_dataset"]
+__all__ = ["load_coco_split", "load_image_dataset", "prepare_image_dataset"]
 
 
 def load_image_dataset(
@@ -50,6 +50,32 @@ def load_image_dataset(
         dataset, num_samples=num_samples, seed=seed, image_column=image_column, label_column=label_column,
         buffer_size=buffer_size,
     )
+
+
+def load_coco_split(source: str, split: str = "val", *, num_samples: int | None = None, seed: int = 0,
+                    bbox_format: str = "xywh") -> CocoSplit:
+    """A COCO-format split for the dense metrics: a COCO directory's split (:func:`coco.load_coco`, all of its images:
+    ``num_samples`` is for the caller to apply to its ids), or ``num_samples`` rows (seeded) of any other source
+    :func:`load_image_dataset` reads (Hub ids streamed) that has an ``objects`` column in the Hub layout
+    (:func:`coco.coco_from_objects`; the categories are the names of its ``category`` ClassLabel).
+
+    Raises:
+        ValueError: the dataset has no ``objects`` column, or its categories are not a ClassLabel; the errors of
+            :func:`load_coco`, :func:`load_image_dataset` and :func:`coco.coco_from_objects`.
+    """
+    if coco_splits(Path(source).expanduser()):
+        return load_coco(source, split)
+    dataset = load_image_dataset(source, split, num_samples=num_samples, seed=seed)
+    if "objects" not in dataset.features:
+        raise ValueError(f"{source} ({split}) is neither a COCO directory (annotations/instances_<split>.json) nor a "
+                         f"dataset with an 'objects' column (bbox, category); its columns are {list(dataset.features)}")
+    objects = dataset.features["objects"]
+    category = getattr(objects, "feature", objects)["category"]
+    names = getattr(getattr(category, "feature", category), "names", None)
+    if names is None:
+        raise ValueError(f"{source} ({split}): objects.category is {category}, not a ClassLabel, so the categories "
+                         "have no names to match the model's labels with")
+    return coco_from_objects(list(dataset), names, bbox_format, name=f"{source} ({split})")
 
 
 def _load_split(source: str, split: str, streaming: bool | None) -> datasets.Dataset | datasets.IterableDataset:
