@@ -179,16 +179,6 @@ def test_half_precision_and_meta_models_are_refused_before_any_change():
         assert not is_quantized(model)
 
 
-def test_swin_padding_after_layernorm_warns(recwarn):
-    model = models.hf_swin()  # patch 2, window 2: 16×16 images give 8×8, 4×4, 2×2 maps
-    quantize(models.hf_swin(), LRPQConfig(), models.images(2))
-    assert not [w for w in recwarn if "zero-pad" in str(w.message)]
-    x = torch.randn(2, 3, 20, 12)  # maps 10×6, 5×3, 3×2: the last two stages pad
-    with pytest.warns(UserWarning, match=r"4 blocks \(swin.encoder.layers.1.blocks.0, ...\) zero-pad"):
-        quantize(model, LRPQConfig(), x)
-    assert models.hf_swin().config.window_size == 2
-
-
 # --------------------------------------------------------------------------------------- files read at load
 
 
