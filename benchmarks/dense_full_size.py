@@ -21,21 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
 from optimum_lrpqvit import LRPQConfig, quantize
 from optimum_lrpqvit.architectures import find_family
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SWIN_T = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
-              out_features=["stage1", "stage2", "stage3", "stage4"])
-MODELS = {
-    "mask2former-swin-tiny-coco-instance": lambda: transformers.Mask2FormerForUniversalSegmentation(
-        transformers.Mask2FormerConfig(backbone_config=transformers.SwinConfig(**SWIN_T), num_labels=80)),
-    "upernet-swin-tiny": lambda: transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(
-        backbone_config=transformers.SwinConfig(**SWIN_T), hidden_size=512, auxiliary_in_channels=384,
-        num_labels=150)),
-}
+# the published config values, shared with the test of the same wiring
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from models import FULL_SIZE_DENSE as MODELS  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +40,7 @@ def main() -> None:
     rows = []
     for name, build in MODELS.items():
         torch.manual_seed(0)
-        model = build().eval()
+        model = build()
         family = find_family(model)
         with torch.no_grad():
             reference = family.logits(model, x)

@@ -277,6 +277,17 @@ def hf_yolos(seed: int = 0) -> nn.Module:
     return _built("YolosForObjectDetection", config, seed)
 
 
+# Swin-T as published (microsoft/swin-tiny-patch4-window7-224), the backbone of facebook/mask2former-swin-tiny-coco-
+# instance and openmmlab/upernet-swin-tiny; the heads with those checkpoints' config values. Random weights, no download.
+_SWIN_T = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
+               out_features=["stage1", "stage2", "stage3", "stage4"])
+FULL_SIZE_DENSE = {
+    "mask2former-swin-tiny-coco-instance": lambda: transformers.Mask2FormerForUniversalSegmentation(
+        transformers.Mask2FormerConfig(backbone_config=SwinConfig(**_SWIN_T), num_labels=80)).eval(),
+    "upernet-swin-tiny": lambda: transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(
+        backbone_config=SwinConfig(**_SWIN_T), hidden_size=512, auxiliary_in_channels=384, num_labels=150)).eval(),
+}
+
 DENSE = {
     "hf_mask2former": hf_mask2former,
     "hf_upernet": hf_upernet,

@@ -265,28 +265,16 @@ def test_a_saved_quantized_dense_model_runs_in_its_pipeline(family, task, coco, 
         assert predictions and all(p["mask"].size == (32, 32) for p in predictions)
 
 
-# Swin-T as published (microsoft/swin-tiny-patch4-window7-224), the backbone of facebook/mask2former-swin-tiny-coco-
-# instance and openmmlab/upernet-swin-tiny; the heads with those checkpoints' config values. Random weights, no download.
-SWIN_T = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
-              out_features=["stage1", "stage2", "stage3", "stage4"])
-FULL_SIZE = {
-    "mask2former-swin-tiny-coco-instance": lambda: transformers.Mask2FormerForUniversalSegmentation(
-        transformers.Mask2FormerConfig(backbone_config=transformers.SwinConfig(**SWIN_T), num_labels=80)),
-    "upernet-swin-tiny": lambda: transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(
-        backbone_config=transformers.SwinConfig(**SWIN_T), hidden_size=512, auxiliary_in_channels=384,
-        num_labels=150)),
-}
-
-
-@pytest.mark.parametrize("name", sorted(FULL_SIZE))
+@pytest.mark.parametrize("name", sorted(models.FULL_SIZE_DENSE))
 def test_full_size_dense_models_reparameterise_exactly_stay_close_at_w8a8_and_round_trip(name, tmp_path):
     from optimum_lrpqvit import quantizers_disabled
     from optimum_lrpqvit.bit_plan import BitPlan
     from optimum_lrpqvit.quantize import calibrate, prepare_model
 
     torch.manual_seed(0)
-    model = FULL_SIZE[name]().eval()
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))  # 56, 28, 14, 7: windows of 7 fit
+    model = models.FULL_SIZE_DENSE[name]()
+    # maps 48×64, 24×32, 12×16, 6×8: every Swin block pads to its windows of 7
+    x = torch.randn(2, 3, 192, 256, generator=torch.Generator().manual_seed(1))
     expected = models.logits(model, x)
 
     reparameterised = copy.deepcopy(model)

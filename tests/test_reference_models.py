@@ -76,3 +76,23 @@ def test_timm_reference_is_read_by_timm_and_pulled_from_the_hub_with_the_same_pr
     local = AutoImageProcessor.from_pretrained(directory)
     assert out.stdout.split()[0] == type(local).__name__ == "ViTImageProcessor"
     assert "(1, 3, 28, 28)" in out.stdout
+
+
+def test_dense_reference_model_keeps_its_stated_miou_on_the_regenerated_validation_split(tmp_path):
+    from transformers import UperNetForSemanticSegmentation
+
+    from optimum_lrpqvit.data import load_coco
+    from optimum_lrpqvit.dense_evaluation import evaluate_dense
+
+    directory = ROOT / "upernet-swin-fashion-coco"
+    log = json.loads((directory / "training_log.json").read_text())
+    assert (directory / "model.safetensors").stat().st_size <= 10 * 2**20
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_fashion_coco.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--train", "1", "--val", "500"],
+                   check=True, capture_output=True, timeout=300)
+    model = UperNetForSemanticSegmentation.from_pretrained(directory).eval()
+    processor = load_image_processor(directory)
+    metrics = evaluate_dense(model, processor, load_coco(tmp_path, "val"), batch_size=64)
+    assert metrics["miou"] == pytest.approx(log["val_miou"], abs=0.01)
+    segments = pipeline("image-segmentation", model=str(directory), device="cpu")(load_coco(tmp_path, "val").image(1))
+    assert {s["label"] for s in segments} <= set(model.config.id2label.values())

@@ -89,7 +89,8 @@ def _load_split(source: str, split: str, streaming: bool | None) -> datasets.Dat
         saved = load_from_disk(str(path))
         dataset = saved if isinstance(saved, Dataset) else _pick_split(saved, split, source)
     elif coco_splits(path):
-        dataset = Dataset.from_dict({"image": coco_image_paths(path, split)}).cast_column("image", Image())
+        # as CocoSplit.image gives them to the evaluator: RGB (COCO holds some grayscale images)
+        dataset = Dataset.from_dict({"image": coco_image_paths(path, split)}).cast_column("image", Image(mode="RGB"))
     elif path.is_dir():
         return _pick_split(load_dataset("imagefolder", data_dir=str(path), streaming=bool(streaming)), split, source)
     elif path.exists():
