@@ -345,3 +345,42 @@ def test_a_dataset_in_the_objects_layout_is_evaluated_like_the_coco_directory(co
     assert evaluate_dense(model, models.processor_for(model), objects).keys() == {"num_images", "box"}
     with pytest.raises(ValueError, match="neither a COCO directory .* nor a dataset with an 'objects' column"):
         load_coco_split("fashion_mnist", "test", num_samples=2)
+
+
+def test_a_quantized_dense_model_is_pushed_with_its_card_and_pulled_by_repo_id(coco, tmp_path, local_hub):
+    import os
+    import subprocess
+    import sys
+
+    import requests
+    import yaml
+
+    from optimum_lrpqvit import cli
+
+    float_dir = models.save_checkpoint(models.hf_upernet(), tmp_path / "float")
+    out = tmp_path / "out"
+    assert cli.main(["quantize", float_dir, str(out), "--dataset", str(coco), "--split", "val",
+                     "--num-calibration-samples", "1", "--evaluate", "--eval-split", "val"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    env = {**os.environ, "HF_ENDPOINT": local_hub.url, "HF_TOKEN": "test-token",
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+
+    def run(*args):
+        done = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+
+    run("lrpqvit", "push", str(out), "tester/upernet-w4a4")
+    card = requests.get(f"{local_hub.url}/tester/upernet-w4a4/resolve/main/README.md", timeout=10).text
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["pipeline_tag"] == "image-segmentation"
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert [m["value"] for m in metrics] == [round(results[k]["miou"], 2) for k in ("full_precision", "quantized")]
+    x = models.images(2)
+    torch.save(x, tmp_path / "x.pt")
+    # the float head's convolutions round by thread count: the pulling process uses this one's
+    run(sys.executable, "-c", "import sys, torch, optimum_lrpqvit; from transformers import "
+        "UperNetForSemanticSegmentation as U; torch.set_num_threads(int(sys.argv[3])); "
+        "m = U.from_pretrained('tester/upernet-w4a4'); "
+        "torch.save(m(pixel_values=torch.load(sys.argv[1])).logits, sys.argv[2])",
+        str(tmp_path / "x.pt"), str(tmp_path / "pulled.pt"), str(torch.get_num_threads()))
+    assert torch.equal(torch.load(tmp_path / "pulled.pt"), models.logits(load_quantized(out), x))
