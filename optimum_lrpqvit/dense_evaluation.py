@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,8 +59,6 @@ def _task(model: nn.Module) -> str:
     if family.backbone(model) is None:
         raise ValueError(f"{type(model).__name__} is not a dense-prediction model; evaluate classifiers with "
                          "optimum_lrpqvit.evaluation.")
-    import transformers
-
     if isinstance(model, transformers.Mask2FormerForUniversalSegmentation):
         return "instance"
     return "semantic" if isinstance(model, transformers.UperNetForSemanticSegmentation) else "detection"

@@ -6,11 +6,15 @@ import abc
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .. import relevance
+
+if TYPE_CHECKING:
+    from ..config import LRPQConfig
 
 __all__ = ["Layout", "Family", "install_instance_forward", "quantized_attention", "remove_instance_forward"]
 
@@ -92,8 +96,8 @@ class Family(abc.ABC):
         ``logits`` of ``logits()``."""
         raise NotImplementedError(f"{self.name} models are classifiers or encoders: they have no dense target.")
 
-    def quantized_layout(self, model: nn.Module, config) -> Layout:
-        """The points that ``config`` (an ``LRPQConfig``) quantizes: ``layout``, with a dense model's head Linears
+    def quantized_layout(self, model: nn.Module, config: LRPQConfig) -> Layout:
+        """The points that ``config`` quantizes: ``layout``, with a dense model's head Linears
         when ``config.quantize_head``. ValueError for ``quantize_head`` on a model without a dense head."""
         if config.quantize_head:
             raise ValueError(f"quantize_head=True applies to dense-prediction models (Mask2Former, UperNet, YOLOS); "

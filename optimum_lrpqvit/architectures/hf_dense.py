@@ -15,6 +15,8 @@ relevance-propagated, and the relevance of a backbone output F is gradient ⊙ i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers import (
@@ -28,6 +30,9 @@ from transformers.models.yolos.modeling_yolos import YolosLayer, YolosModel
 from ..relevance import residual_add
 from .base import Layout
 from .hf import BlockNames, HFFamily, install_swin_pad_values, remove_swin_pad_values, swin_layer_forward
+
+if TYPE_CHECKING:
+    from ..config import LRPQConfig
 
 __all__ = ["HF_SWIN_DENSE", "HF_YOLOS", "pixel_class_target", "query_class_target"]
 
@@ -103,7 +108,7 @@ class _DenseFamily(HFFamily):
             return self._with_head(model, layout)  # quantized with its head
         return layout
 
-    def quantized_layout(self, model: nn.Module, config) -> Layout:
+    def quantized_layout(self, model: nn.Module, config: LRPQConfig) -> Layout:
         layout = super().layout(model)  # of the float model: the backbone
         return self._with_head(model, layout) if config.quantize_head else layout
 

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 __all__ = ["CocoSplit", "coco_from_objects", "coco_image_paths", "coco_splits", "load_coco", "pycocotools"]
 
 _TOLERANCE = 1.0  # pixels a box may pass the image border by (COCO's own boxes do, by float rounding)
@@ -47,8 +50,6 @@ class CocoSplit:
 
     def image(self, image_id: int):
         """The RGB PIL image ``image_id``."""
-        from PIL import Image
-
         if self._images is not None:
             return self._images[image_id].convert("RGB")
         with Image.open(self._paths[image_id]) as image:
@@ -166,8 +167,6 @@ def coco_image_paths(root: str | Path, split: str) -> list[str]:
 
 def _mask_segmentation(mask) -> dict:
     """A binary mask (H, W) as COCO run-length encoding with a JSON-friendly ``counts``."""
-    import numpy as np
-
     rle = pycocotools().mask.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
@@ -180,8 +179,6 @@ def coco_from_objects(rows: Iterable[dict], categories: Sequence[str], bbox_form
     ``category`` (indices into ``categories``), and optionally ``segmentation`` (COCO polygons or RLE, or binary
     masks) and ``iscrowd``. Image ids are the rows' ``image_id`` when they have one, else their positions; category
     ids are the indices. Checked as :func:`load_coco` checks a file."""
-    import numpy as np
-
     if bbox_format not in ("xywh", "xyxy"):
         raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}.")
     document = {"images": [], "annotations": [],
