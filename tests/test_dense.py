@@ -384,3 +384,19 @@ def test_a_quantized_dense_model_is_pushed_with_its_card_and_pulled_by_repo_id(c
         "torch.save(m(pixel_values=torch.load(sys.argv[1])).logits, sys.argv[2])",
         str(tmp_path / "x.pt"), str(tmp_path / "pulled.pt"), str(torch.get_num_threads()))
     assert torch.equal(torch.load(tmp_path / "pulled.pt"), models.logits(load_quantized(out), x))
+
+
+def test_lrpqvit_score_gives_the_dense_importance_of_compute_importance(coco, tmp_path):
+    from optimum_lrpqvit import cli
+    from optimum_lrpqvit.data import images_to_pixel_values
+
+    model = models.hf_mask2former()
+    float_dir = models.save_checkpoint(model, tmp_path / "float")
+    assert cli.main(["score", float_dir, "--dataset", str(coco), "--split", "val", "--num-samples", "4",
+                     "--batch-size", "3", "--output", str(tmp_path / "scores.json")]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())["scores"]
+    images = list(load_image_dataset(str(coco), "val", num_samples=4)["image"])
+    expected = compute_importance(model, images_to_pixel_values(images, models.processor_for(model), 3),
+                                  progress=False)
+    assert scores.keys() == expected.keys()
+    assert all(scores[k] == pytest.approx(expected[k], rel=1e-4, abs=1e-9) for k in expected)
