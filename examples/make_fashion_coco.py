@@ -24,7 +24,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from optimum_lrpqvit.data import FASHION_MNIST_LABELS, load_fashion_mnist_arrays  # noqa: E402
-from optimum_lrpqvit.data.coco import pycocotools  # noqa: E402
+from optimum_lrpqvit.data.coco import mask_rle, pycocotools  # noqa: E402
 
 
 def compose(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator, size: int, max_items: int,
@@ -60,9 +60,8 @@ def write_split(root: Path, split: str, items: np.ndarray, labels: np.ndarray, c
         Image.fromarray(canvas).save(root / split / name)
         document["images"].append({"id": image_id, "file_name": name, "width": args.size, "height": args.size})
         for label, mask in instances:
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle = mask_rle(mask)
             x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-            rle["counts"] = rle["counts"].decode("ascii")
             document["annotations"].append({"id": len(document["annotations"]) + 1, "image_id": image_id,
                                             "category_id": label + 1, "bbox": [x, y, w, h],
                                             "area": float(mask.sum()), "iscrowd": 0, "segmentation": rle})

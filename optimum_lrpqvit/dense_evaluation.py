@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import find_family
-from .data.coco import CocoSplit, pycocotools
+from .data.coco import CocoSplit, mask_rle, pycocotools
 
 __all__ = ["coco_average_precision", "evaluate_dense", "label_categories", "mean_iou", "predict_coco",
            "semantic_target"]
@@ -71,7 +71,6 @@ def predict_coco(model: nn.Module, processor: Any, split: CocoSplit, image_ids: 
     "category_id", "score", "bbox"}`` and, for instance segmentation, ``"segmentation"`` (RLE); for semantic
     segmentation per image ``{"image_id", "label_map"}`` (H, W). Instances scoring below ``threshold`` are dropped
     (0: all of them, as COCO AP ranks them by score)."""
-    mask_utils = pycocotools().mask
     task = _task(model)
     categories = label_categories(model.config.id2label, split.category_names)
     ids = split.image_ids if image_ids is None else list(image_ids)
@@ -103,8 +102,7 @@ def predict_coco(model: nn.Module, processor: Any, split: CocoSplit, image_ids: 
                     if segment["label_id"] not in categories:
                         continue
                     mask = masks[k].cpu().numpy().astype(np.uint8)
-                    rle = mask_utils.encode(np.asfortranarray(mask))
-                    rle["counts"] = rle["counts"].decode("ascii")
+                    rle = mask_rle(mask)
                     results.append({"image_id": i, "category_id": categories[segment["label_id"]],
                                     "score": float(segment["score"]), "bbox": _box_of(mask), "segmentation": rle})
     return results

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["CocoSplit", "coco_from_objects", "coco_image_paths", "coco_splits", "load_coco", "pycocotools"]
+__all__ = ["CocoSplit", "coco_from_objects", "coco_image_paths", "coco_splits", "load_coco", "mask_rle", "pycocotools"]
 
 _TOLERANCE = 1.0  # pixels a box may pass the image border by (COCO's own boxes do, by float rounding)
 
@@ -165,7 +165,7 @@ def coco_image_paths(root: str | Path, split: str) -> list[str]:
     return [str(coco._paths[i]) for i in coco.image_ids]
 
 
-def _mask_segmentation(mask) -> dict:
+def mask_rle(mask) -> dict:
     """A binary mask (H, W) as COCO run-length encoding with a JSON-friendly ``counts``."""
     rle = pycocotools().mask.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
@@ -203,7 +203,7 @@ def coco_from_objects(rows: Iterable[dict], categories: Sequence[str], bbox_form
                    "bbox": box, "iscrowd": int(iscrowd)}
             if segmentation is not None:
                 is_mask = isinstance(segmentation, np.ndarray) or hasattr(segmentation, "getbands")
-                ann["segmentation"] = _mask_segmentation(np.asarray(segmentation)) if is_mask else segmentation
+                ann["segmentation"] = mask_rle(np.asarray(segmentation)) if is_mask else segmentation
             document["annotations"].append(ann)
     if not document["images"]:
         raise ValueError(f"{name} has no rows.")
