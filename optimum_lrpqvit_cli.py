@@ -132,6 +132,17 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
     q.add_argument("--weight-rounding", default="nearest", choices=weight_rounding,
                    help="weight rounding: nearest, or gptq (error-compensating, one more calibration pass) "
                         "(default: %(default)s)")
+    q.add_argument("--reconstruction", default=None, choices=["block"],
+                   help="block: after calibration, tune each block's weight rounding and activation step sizes to "
+                        "the float block's output (AdaRound + QDrop; minutes to hours) (default: calibration only)")
+    q.add_argument("--reconstruction-samples", type=POSITIVE, default=1024,
+                   help="images drawn for --reconstruction, after the calibration images (default: %(default)s)")
+    q.add_argument("--reconstruction-iters", type=POSITIVE, default=500,
+                   help="Adam steps per block of --reconstruction (default: %(default)s)")
+    q.add_argument("--reconstruction-seconds", type=_positive_float, default=None,
+                   help="time budget of --reconstruction in seconds; blocks run fewer steps to fit (default: none)")
+    q.add_argument("--checkpoint-dir", default=None,
+                   help="with --reconstruction: save each finished block here and resume from it when run again")
     q.add_argument("--quantize-head", action="store_true",
                    help="dense models: also quantize the head's Linear layers (default: the backbone only)")
     q.add_argument("--mixed-precision", action="store_true", help="allocate bits per layer by importance")

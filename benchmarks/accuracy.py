@@ -97,20 +97,39 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
                 config = LRPQConfig(seed=seed, **kwargs)
                 calib, _ = preprocess(train, processor, sample_indices(seed, num_calibration, len(train)),
                                       progress=False)
-                importance = None
+                importance = reconstruction = None
                 if config.measures_importance:
                     importance, _ = preprocess(train, processor, sample_indices(
                         seed, num_importance, len(train), offset=num_calibration), progress=False)
+                if config.reconstruction is not None:
+                    reconstruction, _ = preprocess(train, processor, sample_indices(
+                        seed, config.reconstruction_samples, len(train), offset=num_calibration + num_importance),
+                        progress=False)
                 start = time.perf_counter()
-                quantized = quantize(copy.deepcopy(model), config, calib, importance_data=importance)
+                quantized = quantize(copy.deepcopy(model), config, calib, importance_data=importance,
+                                     reconstruction_data=reconstruction, progress=False)
                 seconds = time.perf_counter() - start
+                forward = calibration_pass_seconds(model, calib)
                 logits = predict_logits(quantized, pixels, desc=f"{key} {run_key}")
                 entry["runs"][run_key] = {**fidelity(logits, labels, fp_logits),
                                           **applied_config(quantized).bit_plan_summary,
-                                          "quantize_seconds": round(seconds, 2)}
+                                          "quantize_seconds": round(seconds, 2),
+                                          "calibration_passes": round(seconds / forward, 1)}
                 print(key, run_key, entry["runs"][run_key], flush=True)
                 save()
     return results
+
+
+@torch.no_grad()
+def calibration_pass_seconds(model: torch.nn.Module, pixels: torch.Tensor, repeats: int = 3) -> float:
+    """Median seconds of one forward pass of the float ``model`` on the calibration batch (the unit of
+    ``calibration_passes``: a run's quantize time over it, measured in the same process right after it)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(pixel_values=pixels)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _mean_std(values: list[float], digits: int) -> str:
@@ -163,19 +182,26 @@ def markdown(results: dict, name: str) -> str:
             continue
         fp = entry["full_precision"]["top1"]
         timed = all("quantize_seconds" in r for r in entry["runs"].values())  # recorded since the options benchmark
+        passes = timed and any("calibration_passes" in r for r in entry["runs"].values())
         lines += [f"### {key} (FP top-1 {fp:.2f}%, widest/median post-LN channel range "
                   f"{entry['channel_range_ratio_median']:.1f}×)", "",
                   "| W/A | method | avg w bits | avg a bits | top-1 (%) | agreement (%) | KL(FP ‖ q) | seeds |"
-                  + (" quantize (s) |" if timed else ""),
-                  "|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
+                  + (" quantize (s) |" if timed else "") + (" cost (calibration passes) |" if passes else ""),
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if timed else "") + ("---|" if passes else "")]
         for wa, method, runs in _grouped(entry):
             lines.append(f"| {wa} | {method} | {_mean_std([r['avg_w_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['avg_a_bits'] for r in runs], 3)} | "
                          f"{_mean_std([r['top1'] for r in runs], 2)} | {_mean_std([r['agreement'] for r in runs], 2)} "
                          f"| {_mean_std([r['kl'] for r in runs], 4)} | {len(runs)} |"
-                         + (f" {_mean_std([r['quantize_seconds'] for r in runs], 1)} |" if timed else ""))
+                         + (f" {_mean_std([r['quantize_seconds'] for r in runs], 1)} |" if timed else "")
+                         + (f" {_passes(runs)} |" if passes else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def _passes(runs: list[dict]) -> str:
+    measured = [r["calibration_passes"] for r in runs if "calibration_passes" in r]
+    return _mean_std(measured, 0) if measured else "–"
 
 
 def write_markdown(name: str, results: dict | None = None) -> str:

@@ -8,7 +8,9 @@ test images: full precision, then at W8/A8 and W4/A8
 
 * this library (`quantize`, every Linear, the patch embedding and both attention matmuls quantized, activations
   static per tensor): the paper's default (CRL, log-√2 probabilities, round-to-nearest weights) and the options
-  `softmax_quantizer="adalog"`, `weight_rounding="gptq"` and `post_ln="repq"`, alone and combined;
+  `softmax_quantizer="adalog"`, `weight_rounding="gptq"` and `post_ln="repq"`, alone and combined, and the
+  three with block reconstruction (`reconstruction="block"`, on the 1,024 train images after the calibration
+  images);
 * optimum-quanto (`quantize(weights=qint8|qint4, activations=qint8)` + `Calibration`, static activation scales on
   the Linear layers; attention matmuls in float);
 * torchao (`Int8DynamicActivationInt8WeightConfig`, and `Int8DynamicActivationIntxWeightConfig(torch.int4)` per
@@ -28,10 +30,10 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy import REFERENCE_MODELS, RESULTS, model_entry, reference_inputs
+from accuracy import REFERENCE_MODELS, RESULTS, model_entry, reference_inputs, sample_indices
 
 from optimum_lrpqvit import LRPQConfig, quantize
-from optimum_lrpqvit.data import load_fashion_mnist
+from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
 from optimum_lrpqvit.evaluation import fidelity
 
 OURS = {
@@ -41,6 +43,8 @@ OURS = {
     "repq": {"post_ln": "repq"},
     "adalog+gptq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq"},
     "adalog+gptq+repq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq"},
+    "adalog+gptq+repq+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
+                               "reconstruction": "block"},
 }
 
 
@@ -74,9 +78,11 @@ def torchao(model: torch.nn.Module, w_bits: int, calibration: torch.Tensor) -> t
     return model
 
 
-def ours(options: dict, w_bits: int, calibration: torch.Tensor):
+def ours(options: dict, w_bits: int, calibration: torch.Tensor, reconstruction: torch.Tensor):
     def run(model: torch.nn.Module, *_: object) -> torch.nn.Module:
-        return quantize(model, LRPQConfig(w_bits=w_bits, a_bits=8, **options), calibration)
+        config = LRPQConfig(w_bits=w_bits, a_bits=8, **options)
+        data = reconstruction if config.reconstruction else None
+        return quantize(model, config, calibration, reconstruction_data=data, progress=False)
     return run
 
 
@@ -96,10 +102,13 @@ def main() -> None:
         entry = model_entry(results, model_dir, args.num_eval)
         base, pixels, labels, calibration = reference_inputs(model_dir, data, args.seed, args.num_eval,
                                                              args.num_calibration)
+        train = data["train"]
+        reconstruction, _ = preprocess(train.select(sample_indices(args.seed, 1024, len(train), args.num_calibration)),
+                                       load_image_processor(model_dir), progress=False)
         reference = logits_of(base, pixels)
         entry["full_precision"] = fidelity(reference, labels)
         for w_bits in (8, 4):
-            methods = {f"lrpqvit {k}": ours(v, w_bits, calibration) for k, v in OURS.items()}
+            methods = {f"lrpqvit {k}": ours(v, w_bits, calibration, reconstruction) for k, v in OURS.items()}
             methods |= {"optimum-quanto": quanto, "torchao dynamic": torchao}
             for method, run in methods.items():
                 key = f"W{w_bits}/A8 {method}"

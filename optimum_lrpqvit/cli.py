@@ -172,12 +172,18 @@ def _progress(message: str) -> None:
 
 
 def quantize_command(args: argparse.Namespace) -> int:
+    if args.checkpoint_dir is not None and args.reconstruction is None:
+        raise ValueError("--checkpoint-dir resumes a block reconstruction: add --reconstruction block, or leave "
+                         "--checkpoint-dir out.")
     criterion = args.importance if args.importance in IMPORTANCE_CRITERIA else "lrp"
     scores = None if criterion == args.importance else args.importance
     options = {} if args.candidate_bits is None else {"candidate_bits": args.candidate_bits}
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
                         softmax_quantizer=args.softmax_quantizer, gelu_quantizer=args.gelu_quantizer,
                         weight_rounding=args.weight_rounding, quantize_head=args.quantize_head,
+                        reconstruction=args.reconstruction, reconstruction_samples=args.reconstruction_samples,
+                        reconstruction_iters=args.reconstruction_iters,
+                        reconstruction_seconds=args.reconstruction_seconds,
                         mixed_precision=args.mixed_precision or scores is not None, allocation=args.allocation,
                         importance=criterion, importance_scores=scores, seed=args.seed, dataset=args.dataset,
                         dataset_split=args.split, num_calibration_samples=args.num_calibration_samples,
@@ -190,9 +196,11 @@ def quantize_command(args: argparse.Namespace) -> int:
         fp_results = evaluation(model, "full precision")
     what = (f"LRP importance on {args.num_importance_samples or args.num_calibration_samples} images, then "
             if config.measures_importance else "")
+    if args.reconstruction:
+        what += f"block reconstruction on {args.reconstruction_samples} images after "
     _progress(f"quantizing: {what}calibration on {args.num_calibration_samples} {args.dataset} images")
     started = time.perf_counter()
-    quantize_from_dataset(model, config, processor)
+    quantize_from_dataset(model, config, processor, checkpoint_dir=args.checkpoint_dir)
     seconds = time.perf_counter() - started
     applied = applied_config(model)
     base = args.base_model or _hub_id(args.model) or _hub_id(getattr(model.config, "_name_or_path", None))
@@ -211,6 +219,7 @@ def quantize_command(args: argparse.Namespace) -> int:
                           *([args.softmax_quantizer] if args.softmax_quantizer != "log_sqrt2" else []),
                           *([f"gelu {args.gelu_quantizer}"] if args.gelu_quantizer != "uniform" else []),
                           *([args.weight_rounding] if args.weight_rounding != "nearest" else []),
+                          *([f"{args.reconstruction} reconstruction"] if args.reconstruction else []),
                           *(["head quantized"] if args.quantize_head else []),
                           *([f"{applied.importance} mixed ({applied.allocation})"] if applied.mixed_precision else [])])
         _print_table([("full precision", results["full_precision"]), (label, results["quantized"])],
@@ -283,7 +292,9 @@ COMMANDS = {"quantize": quantize_command, "score": score_command, "evaluate": ev
 # Python names in the library's messages → the flags a command-line user typed
 _FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "post_ln": "--post-ln", "crl_k": "--crl-k",
           "softmax_quantizer": "--softmax-quantizer", "gelu_quantizer": "--gelu-quantizer",
-          "weight_rounding": "--weight-rounding",
+          "weight_rounding": "--weight-rounding", "reconstruction_samples": "--reconstruction-samples",
+          "reconstruction_iters": "--reconstruction-iters", "reconstruction_seconds": "--reconstruction-seconds",
+          "reconstruction": "--reconstruction",
           "candidate_bits": "--candidate-bits", "num_importance_samples": "--num-importance-samples",
           "num_calibration_samples": "--num-calibration-samples", "importance_scores": "--importance",
           "dataset_split": "--split", "split=": "--split ", "batch_size": "--batch-size",

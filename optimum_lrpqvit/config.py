@@ -26,6 +26,7 @@ from .scores import check_scores
 __all__ = ["FORMAT_VERSION", "LRPQConfig", "QUANT_METHOD"]
 
 QUANT_METHOD = "lrpqvit"
+RECONSTRUCTIONS = (None, "block")
 FORMAT_VERSION = 1  # of the packed checkpoint (docs/method.md#checkpoint-format)
 
 
@@ -73,6 +74,20 @@ class LRPQConfig(QuantizationConfigMixin):
         weight_rounding (`str`, *optional*, defaults to `"nearest"`):
             `"nearest"`, or `"gptq"`: GPTQ's error-compensating rounding on each layer's calibration inputs
             (one more forward pass of the calibration images).
+        reconstruction (`str`, *optional*):
+            `"block"`: after calibration and weight rounding, tune each block's weight rounding (AdaRound) and
+            activation step sizes (LSQ) to reproduce the float block's output, with QDrop's random dropping of
+            activation quantization (BRECQ/QDrop block reconstruction); None (default): calibration only.
+        reconstruction_samples (`int`, *optional*, defaults to 1024):
+            Images that `from_pretrained`, `LRPQuantizer` and the command line draw for the reconstruction (the
+            next ones of the calibration draw; None: the calibration images). `quantize()` reconstructs on its
+            `reconstruction_data`.
+        reconstruction_iters (`int`, *optional*, defaults to 500):
+            Adam steps per block, on batches of 32 of the reconstruction images.
+        reconstruction_seconds (`float`, *optional*):
+            Time budget of the whole reconstruction, shared equally among the blocks still to do: a block runs
+            fewer than `reconstruction_iters` steps when they would not fit (the result then depends on the
+            machine's speed). No budget by default.
         quantize_head (`bool`, *optional*, defaults to `False`):
             Dense-prediction models (Mask2Former, UperNet, YOLOS): also quantize the Linear layers of the head
             (pixel decoder, transformer decoder, predictors) at `w_bits`/`a_bits`; by default only the backbone is
@@ -128,6 +143,10 @@ class LRPQConfig(QuantizationConfigMixin):
         softmax_quantizer: str = "log_sqrt2",
         gelu_quantizer: str = "uniform",
         weight_rounding: str = "nearest",
+        reconstruction: str | None = None,
+        reconstruction_samples: int = 1024,
+        reconstruction_iters: int = 500,
+        reconstruction_seconds: float | None = None,
         quantize_head: bool = False,
         percentiles: list[float] | tuple[float, ...] = DEFAULT_PERCENTILES,
         mixed_precision: bool = False,
@@ -159,6 +178,10 @@ class LRPQConfig(QuantizationConfigMixin):
         self.softmax_quantizer = softmax_quantizer
         self.gelu_quantizer = gelu_quantizer
         self.weight_rounding = weight_rounding
+        self.reconstruction = reconstruction
+        self.reconstruction_samples = reconstruction_samples
+        self.reconstruction_iters = reconstruction_iters
+        self.reconstruction_seconds = reconstruction_seconds
         self.quantize_head = quantize_head
         self.percentiles = _number_list(percentiles, "percentiles")
         self.mixed_precision = mixed_precision
@@ -219,6 +242,12 @@ class LRPQConfig(QuantizationConfigMixin):
         SOFTMAX_QUANTIZERS.get(self.softmax_quantizer)
         GELU_QUANTIZERS.get(self.gelu_quantizer)
         WEIGHT_ROUNDINGS.get(self.weight_rounding)
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}.")
+        seconds = self.reconstruction_seconds
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not (math.isfinite(seconds) and seconds > 0)):
+            raise ValueError(f"reconstruction_seconds must be a positive number of seconds or None, got {seconds!r}.")
         self.percentiles = _number_list(self.percentiles, "percentiles")
         self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
@@ -236,7 +265,8 @@ class LRPQConfig(QuantizationConfigMixin):
             raise ValueError("candidate_bits must be a non-empty list of integers between 2 and 8, got [].")
         for b in self.candidate_bits:
             check_bits(b, "candidate_bits")
-        for name in ("num_importance_samples", "num_calibration_samples"):
+        for name in ("num_importance_samples", "num_calibration_samples", "reconstruction_samples",
+                     "reconstruction_iters"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")

@@ -90,6 +90,9 @@ def _method_line(config: LRPQConfig) -> str:
         probabilities += ", AdaLog post-GELU activations"
     if config.weight_rounding == "gptq":
         probabilities += ", GPTQ weight rounding"
+    if config.reconstruction == "block":
+        probabilities += (", block reconstruction (AdaRound weight rounding and LSQ activation step sizes with "
+                          f"QDrop, up to {config.reconstruction_iters} steps per block)")
     if config.mixed_precision:
         return (f"LRP-QViT ([arXiv:2401.11243](https://arxiv.org/abs/2401.11243)): mixed precision with each layer's "
                 f"bits from its `{config.importance}` importance, {treatment}, {probabilities}")

@@ -61,6 +61,9 @@ class _Quantizer(nn.Module, abc.ABC):
         self.percentiles = tuple(percentiles)
         self.calibrating = False
         self.enabled = True
+        self.learning = False  # set by reconstruction: differentiable (straight-through) quantization
+        self.drop_prob = 0.0  # with ``learning``: QDrop's chance that an element is left unquantized
+        self.drop_generator: torch.Generator | None = None  # of those draws (reproducible reconstruction)
 
     @property
     @abc.abstractmethod
@@ -75,12 +78,22 @@ class _Quantizer(nn.Module, abc.ABC):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with the fitted parameters."""
 
+    def quantize_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ with the straight-through gradient ∂x̂/∂x = 1 (the parameters get none)."""
+        return x + (self.quantize(x) - x).detach()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self.fit(x)
         if not self.enabled or not self.calibrated:
             return x
-        return self.quantize(x)
+        if not self.learning:
+            return self.quantize(x)
+        xq = self.quantize_differentiable(x)
+        if self.drop_prob:
+            draw = torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
+            xq = torch.where(draw < self.drop_prob, x, xq)
+        return xq
 
 
 class SharedInput:
@@ -129,6 +142,13 @@ class UniformQuantizer(_Quantizer):
             shared.input, shared.key = x, key
             shared.output = fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
         return shared.output
+
+    def quantize_differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂ = s · (clamp(⌊x/s⌉ + z, 0, 2^b − 1) − z) with the rounding straight-through, so that x and s get
+        LSQ's gradients (Esser et al., ICLR 2020)."""
+        t = x / self.scale
+        q = torch.clamp(t + (torch.round(t) - t).detach() + self.zero_point, 0, 2**self.bits - 1)
+        return (q - self.zero_point) * self.scale
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, channelwise={self.channelwise}"

@@ -38,6 +38,7 @@ from .nn import (
     realign,
 )
 from .post_ln import post_ln_treatment
+from .reconstruction import reconstruct
 from .registry import GELU_QUANTIZERS, SOFTMAX_QUANTIZERS
 from .reparam import reparam_factors, reparameterize
 from .rounding import weight_rounding
@@ -152,17 +153,26 @@ def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig
             linear.calibrate_weight()
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConfig, pixels: torch.Tensor) -> None:
+def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConfig, pixels: torch.Tensor,
+              reconstruction_pixels: torch.Tensor | None = None, progress: bool = True,
+              checkpoint_dir: str | os.PathLike | None = None) -> None:
     """Calibrate every quantizer of a prepared model in one pass, then reparameterise its post-LayerNorm
     activations (``repq``/``crl``), re-calibrate the weights that changed and round them by
-    ``config.weight_rounding`` (``gptq``: one more pass). Weights are not packed."""
-    with calibration(model):
-        family.logits(model, pixels)
-    _check_all_ran(model, layout)
-    if post_ln_treatment(config.post_ln).reparameterises:
-        _reparameterize_post_ln(model, layout, config)
-    weight_rounding(config.weight_rounding)(model, family, layout, pixels)
+    ``config.weight_rounding`` (``gptq``: one more pass); with ``config.reconstruction``, then tune the rounding
+    and activation step sizes block by block on ``reconstruction_pixels`` (default: ``pixels``), resumable from
+    ``checkpoint_dir``. Weights are not packed."""
+    with torch.no_grad():
+        with calibration(model):
+            family.logits(model, pixels)
+        _check_all_ran(model, layout)
+        if post_ln_treatment(config.post_ln).reparameterises:
+            _reparameterize_post_ln(model, layout, config)
+        float_weights = {name: model.get_submodule(name).weight for name in layout.weight_points()}
+        weight_rounding(config.weight_rounding)(model, family, layout, pixels)
+    if config.reconstruction is not None:
+        reconstruct(model, family, layout, pixels if reconstruction_pixels is None else reconstruction_pixels,
+                    float_weights, config.reconstruction_iters, config.reconstruction_seconds, config.seed, progress,
+                    checkpoint_dir)
 
 
 def _check_all_ran(model: nn.Module, layout: Layout) -> None:
@@ -217,13 +227,18 @@ def _restorer(model: nn.Module, family: Family, layout: Layout) -> Callable[[], 
 
 
 def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
-             importance_data: object = None) -> nn.Module:
+             importance_data: object = None, reconstruction_data: object = None, progress: bool = True,
+             checkpoint_dir: str | os.PathLike | None = None) -> nn.Module:
     """Quantize ``model`` in place with ``config``, calibrating on ``calibration_data``; returns the model.
 
     ``calibration_data``: a float tensor (N, C, H, W) of preprocessed pixel values, or an iterable of such
     tensors or of dicts holding ``pixel_values``. With ``config.mixed_precision`` the layer importance is
     scored on ``importance_data`` (same forms; the calibration data by default) before quantization, unless
-    ``config.importance_scores`` holds precomputed scores (or the path of a scores file). The model keeps its
+    ``config.importance_scores`` holds precomputed scores (or the path of a scores file). With
+    ``config.reconstruction`` the blocks are reconstructed on ``reconstruction_data`` (same forms; the calibration
+    data by default), with a progress bar unless ``progress`` is False; with ``checkpoint_dir`` each finished
+    block is saved there, and a run started again with the same model, config and data resumes after the last
+    one (``reconstruction.reconstruct``). The model keeps its
     call signature. Its quantized weights are left packed: integer codes in memory, dequantized per layer and
     call (``nn.pack_weights``; ``nn.unpack_weights`` gives float Parameters holding the same x̂, for research code
     that needs them). ``config`` is not modified: the applied copy (with ``bit_plan``, ``bit_plan_summary`` and,
@@ -247,6 +262,15 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
 
     layout = family.quantized_layout(model, config)
     importance = None if importance_data is None else as_pixel_values(importance_data, *shape).to(param.device)
+    reconstruction = None
+    if checkpoint_dir is not None and config.reconstruction is None:
+        raise ValueError("checkpoint_dir is for resuming a block reconstruction, but config.reconstruction is None: "
+                         "set LRPQConfig(reconstruction='block'), or leave checkpoint_dir out.")
+    if reconstruction_data is not None:
+        if config.reconstruction is None:
+            raise ValueError("reconstruction_data was given but config.reconstruction is None: set "
+                             "LRPQConfig(reconstruction='block') to reconstruct, or leave reconstruction_data out.")
+        reconstruction = as_pixel_values(reconstruction_data, *shape).to(device=param.device, dtype=param.dtype)
     restore = _restorer(model, family, layout)
     try:
         model.eval()
@@ -257,7 +281,7 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
         else:
             plan = BitPlan.fixed(layout, config.w_bits, config.a_bits)
         prepare_model(model, family, layout, plan, config)
-        calibrate(model, family, layout, config, pixels)
+        calibrate(model, family, layout, config, pixels, reconstruction, progress, checkpoint_dir)
         pack_weights(model)
         realign(model)  # the float layers reloaded from the checkpoint will be aligned too: same rounding
         applied = read_bit_plan(model, layout)

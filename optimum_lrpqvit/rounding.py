@@ -28,11 +28,13 @@ __all__ = ["gptq_round", "input_hessians", "weight_rounding"]
 
 GPTQ_DAMPING = 0.01  # of the mean Hessian diagonal, added to the diagonal (as GPTQ does)
 GPTQ_BLOCK = 128  # columns per lazy-update block: the result does not depend on it
+RESIDUAL_MARGIN = 0.45  # of a step: far enough inside ±½ that float32 rounding cannot move a code
 
 
 @torch.no_grad()
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-               bits: int, damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK) -> torch.Tensor:
+               bits: int, damping: float = GPTQ_DAMPING, block: int = GPTQ_BLOCK,
+               residual: bool = False) -> torch.Tensor:
     """Ŵ on the grid of ``scale``/``zero_point`` (per row, ``(out,)``) for the ``(out, in)`` weight, chosen by GPTQ
     for the ``(in, in)`` input Hessian H = Σ x xᵀ.
 
@@ -40,7 +42,11 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     column j is rounded to the nearest grid point and its error e_j = (w_j − ŵ_j) / U_jj is subtracted from the
     later columns as e_j U_j,k, where U is the upper Cholesky factor of H⁻¹. Inputs that were always zero
     (diag H = 0) are rounded to nearest. Computed in float64; returns float32 values s · (q − z) with integer
-    codes q in [0, 2^b − 1] (exactly what ``nn.packed_weight_tensors`` stores)."""
+    codes q in [0, 2^b − 1] (exactly what ``nn.packed_weight_tensors`` stores).
+
+    ``residual``: return s · (q − z + r) instead, r the compensated weight's distance to its code w̃/s − (q − z)
+    clamped to ±``RESIDUAL_MARGIN``: off the grid, but rounding to nearest gives exactly the codes q, and a
+    later rounding search (block reconstruction) starts from GPTQ's compensated weights."""
     out, columns = weight.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"the Hessian has shape {tuple(hessian.shape)}, the weight {columns} input columns.")
@@ -56,6 +62,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     z = zero_point.detach().double().reshape(-1, 1)
     high = 2**bits - 1
     codes = torch.empty_like(w)
+    compensated = torch.empty_like(w)
     for start in range(0, columns, block):
         stop = min(start + block, columns)
         part, errors = w[:, start:stop].clone(), torch.empty(out, stop - start, dtype=w.dtype)
@@ -63,11 +70,16 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         for j in range(stop - start):
             q = torch.clamp(torch.round(part[:, j:j + 1] / s) + z, 0, high)
             codes[:, start + j:start + j + 1] = q
+            compensated[:, start + j:start + j + 1] = part[:, j:j + 1]
             error = (part[:, j:j + 1] - (q - z) * s) / u[j, j]
             part[:, j:] -= error * u[j:j + 1, j:]
             errors[:, j:j + 1] = error
         w[:, stop:] -= errors @ upper[start:stop, stop:]
-    codes = codes[:, torch.argsort(order)]
+    inverse = torch.argsort(order)
+    codes = codes[:, inverse]
+    if residual:
+        offset = (compensated[:, inverse] / s - (codes - z)).clamp(-RESIDUAL_MARGIN, RESIDUAL_MARGIN)
+        return ((codes - z + offset) * s).float()
     return (codes.float() - zero_point.detach().float().reshape(-1, 1)) * scale.detach().float().reshape(-1, 1)
 
 
@@ -127,7 +139,8 @@ def _nearest(model: nn.Module, family: Family, layout: Layout, pixels: torch.Ten
 @torch.no_grad()
 def _gptq(model: nn.Module, family: Family, layout: Layout, pixels: torch.Tensor) -> None:
     """One pass of ``pixels`` through the calibrated model for the input Hessians, then ``gptq_round`` of every
-    weight with one (the weights are folded: float Parameters holding Ŵ)."""
+    weight with one. The weights keep GPTQ's compensated values within ``RESIDUAL_MARGIN`` of the chosen codes
+    (``residual``): their round-to-nearest, which packing applies, is GPTQ's rounding."""
     with input_hessians(model, layout) as hessians:
         family.logits(model, pixels)
     for name in layout.weight_points():
@@ -136,10 +149,10 @@ def _gptq(model: nn.Module, family: Family, layout: Layout, pixels: torch.Tensor
             continue
         quantizer = module.weight_quantizer
         rows = module.weight.reshape(module.weight.shape[0], -1)
-        rounded = gptq_round(rows, hessians[name], quantizer.scale, quantizer.zero_point, quantizer.bits)
+        rounded = gptq_round(rows, hessians[name], quantizer.scale, quantizer.zero_point, quantizer.bits,
+                             residual=True)
         # a new Parameter: the float model's own Linear keeps its weight, so that quantize() can be undone
         module.weight = nn.Parameter(rounded.reshape(module.weight.shape).to(module.weight.dtype), requires_grad=False)
-        module.weight_folded = True
 
 
 def weight_rounding(name: str) -> Rounding:

@@ -29,10 +29,10 @@ from torch import nn
 
 from .architectures import find_family
 from .data import images_to_pixel_values
+from .digest import content_digest
 from .files import atomic_write
 from .lrp import check_targets, float32_model, image_contributions
 from .scores import normalised, write_scores
-from .serialization.digest import content_digest
 
 __all__ = ["score_importance"]
 

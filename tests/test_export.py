@@ -65,6 +65,7 @@ def test_onnxruntime_gives_the_quantized_models_predictions(family, bits, tmp_pa
     {"w_bits": 4, "a_bits": 4, "mixed_precision": True, "allocation": "budget", "importance": "random"},
     {"w_bits": 8, "a_bits": 8, "softmax_quantizer": "adalog", "weight_rounding": "gptq"},
     {"w_bits": 4, "a_bits": 4, "softmax_quantizer": "adalog", "gelu_quantizer": "adalog"},
+    {"w_bits": 3, "a_bits": 3, "reconstruction": "block", "reconstruction_iters": 20},
 ])
 def test_variants_export_exactly(config, tmp_path):
     model = _quantized("hf_vit", **config)

@@ -45,7 +45,7 @@ def test_from_pretrained_quantizes_at_load_like_quantize(float_dir, tmp_path):
     # the same job by hand: float model, the config's images through the model's processor, quantize()
     reference = model_class.from_pretrained(float_dir)
     processor = AutoImageProcessor.from_pretrained(float_dir)
-    calibration, importance = dataset_pixel_values(config, processor, reference)
+    calibration, importance, _ = dataset_pixel_values(config, processor, reference)
     assert calibration.shape[0] == 8 and importance.shape[0] == 8
     quantize(reference, config, calibration, importance_data=importance)
     x = models.images(4, seed=5)

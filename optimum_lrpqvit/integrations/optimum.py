@@ -51,25 +51,29 @@ class LRPQuantizer(OptimumQuantizer):
         return cls(model, processor or auto_processor, os.fspath(model_or_path))
 
     def quantize(self, save_dir: str | os.PathLike, file_prefix: str | None = None, *, config: LRPQConfig,
-                 calibration_dataset: Any = None, importance_dataset: Any = None,
+                 calibration_dataset: Any = None, importance_dataset: Any = None, reconstruction_dataset: Any = None,
                  results: dict[str, Any] | None = None, base_model: str | None = None) -> nn.Module:
         """Quantize the model with ``config`` and save it to ``save_dir`` (``hub.save_quantized_model``).
 
         ``calibration_dataset``: preprocessed pixel values (a tensor or batches, as for ``quantize()``), or
-        None to draw them from ``config.dataset``; ``importance_dataset`` likewise (default: as
-        ``quantize()``). ``results`` (accuracy before and after) and ``base_model`` (the float model's Hub id;
-        default: the id the model was loaded from, if not a local path) go to the model card. Returns the model.
+        None to draw them from ``config.dataset``; ``importance_dataset`` and ``reconstruction_dataset``
+        likewise (default: as ``quantize()``). ``results`` (accuracy before and after) and ``base_model`` (the
+        float model's Hub id; default: the id the model was loaded from, if not a local path) go to the model
+        card. Returns the model.
         """
         if file_prefix is not None:
             raise ValueError("file_prefix is not supported: the checkpoint is always model.safetensors.")
-        importance = importance_dataset
+        importance, reconstruction = importance_dataset, reconstruction_dataset
         if calibration_dataset is None:
             if self.processor is None:
                 raise ValueError("No image processor to preprocess config.dataset with: pass processor= to "
                                  "LRPQuantizer.from_pretrained, or pass calibration_dataset as pixel values.")
-            calibration_dataset, drawn = dataset_pixel_values(config, self.processor, self.model)
-            importance = importance if importance is not None else drawn
-        quantize(self.model, config, calibration_dataset, importance_data=importance)
+            drawn = dataset_pixel_values(config, self.processor, self.model)
+            calibration_dataset = drawn.calibration
+            importance = importance if importance is not None else drawn.importance
+            reconstruction = reconstruction if reconstruction is not None else drawn.reconstruction
+        quantize(self.model, config, calibration_dataset, importance_data=importance,
+                 reconstruction_data=reconstruction)
         if base_model is None and self.name_or_path and not Path(self.name_or_path).exists():
             base_model = self.name_or_path
         save_quantized_model(self.model, save_dir, self.processor, base_model=base_model, results=results)

@@ -29,8 +29,8 @@ from torch import nn
 from ..architectures import find_family
 from ..bit_plan import read_bit_plan
 from ..config import FORMAT_VERSION
+from ..digest import content_digest
 from ..nn import QuantConv2d, QuantLinear, packed_weight_tensors, weight_modules
-from .digest import content_digest
 
 __all__ = ["BIT_PLAN_KEY", "CONFIG_NAME", "DIGEST_KEY", "RESAVE", "VERSION_KEY", "WEIGHTS_NAME", "WeightModule",
            "checkpoint_sizes", "packed_state_dict", "weight_modules"]

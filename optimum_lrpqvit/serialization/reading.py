@@ -13,7 +13,7 @@ from torch import nn
 
 from ..architectures import is_transformers_model
 from ..config import FORMAT_VERSION, QUANT_METHOD, LRPQConfig
-from .digest import content_digest
+from ..digest import content_digest
 from .format import BIT_PLAN_KEY, CONFIG_NAME, DIGEST_KEY, RESAVE, VERSION_KEY, WEIGHTS_NAME
 
 __all__ = ["canonical_tensors", "config_from_document", "read_checkpoint", "read_config", "stored_bit_plan",
