@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .architectures import Family, Layout
 from .digest import content_digest
 from .files import atomic_write
-from .nn import QuantConv2d, QuantLinear, UniformQuantizer, quantizers, quantizers_disabled
+from .nn import UniformQuantizer, quantizers, quantizers_disabled, weight_modules
 
 __all__ = ["AdaRound", "UnitResult", "reconstruct", "reconstruction_units"]
 
@@ -140,6 +140,12 @@ def _main_output(result: object) -> torch.Tensor:
     if isinstance(result, dict):
         return next(iter(result.values()))
     return result[0]
+
+
+def _output_error(result: object, target: torch.Tensor) -> torch.Tensor:
+    """‖f̂ − f‖² of a unit's output: summed over features, averaged over tokens and images (the objective, and
+    the error ``UnitResult`` reports)."""
+    return (_main_output(result) - target).pow(2).sum(-1).mean()
 
 
 def _mixed_batch(value: object, float_value: object, idx: torch.Tensor, images: int,
@@ -257,8 +263,7 @@ def _reconstruct_unit(unit: nn.Module, inputs: tuple[list, dict], float_inputs: 
     """Tune one unit (see the module docstring) for ``iterations`` steps, or as many as end by ``deadline``
     (``time.perf_counter()``; judged from the first ``TIMED_STEPS``); returns the steps run. The unit's weights
     end folded on their grids and its step sizes as plain buffers."""
-    weights = {n: m for n, m in unit.named_modules()
-               if isinstance(m, (QuantLinear, QuantConv2d)) and m.weight_quantizer.enabled}
+    weights = {n: m for n, m in weight_modules(unit).items() if m.weight_quantizer.enabled}
     roundings = {}
     for name, module in weights.items():
         q = module.weight_quantizer
@@ -289,8 +294,7 @@ def _reconstruct_unit(unit: nn.Module, inputs: tuple[list, dict], float_inputs: 
             call_args = [_mixed_batch(a, f, idx, len(target), generator) for a, f in zip(args, fargs)]
             call_kwargs = {k: _mixed_batch(v, fkwargs[k], idx, len(target), generator) for k, v in kwargs.items()}
             scales.apply()
-            out = _main_output(unit(*call_args, **call_kwargs))
-            loss = (out - target[idx]).pow(2).sum(-1).mean()
+            loss = _output_error(unit(*call_args, **call_kwargs), target[idx])
             if step >= warmup and roundings:
                 progress_share = (step - warmup) / max(1, iterations - warmup)
                 beta = BETA[0] + (BETA[1] - BETA[0]) * progress_share
@@ -324,16 +328,14 @@ def _unit_error(unit: nn.Module, inputs: tuple[list, dict], target: torch.Tensor
     n = min(ERROR_IMAGES, len(target))
     call_args = [a[:n] if _is_batch(a, len(target)) else a for a in args]
     call_kwargs = {k: v[:n] if _is_batch(v, len(target)) else v for k, v in kwargs.items()}
-    return float((_main_output(unit(*call_args, **call_kwargs)) - target[:n]).pow(2).sum(-1).mean())
+    return float(_output_error(unit(*call_args, **call_kwargs), target[:n]))
 
 
 def _unit_state(unit: nn.Module) -> dict[str, torch.Tensor]:
     """What reconstruction changes in a unit: its layers' weights and its activation quantizers' step sizes."""
-    state = {}
+    state = {f"{name}.weight": module.weight.detach() for name, module in weight_modules(unit).items()}
     for name, module in unit.named_modules():
-        if isinstance(module, (QuantLinear, QuantConv2d)):
-            state[f"{name}.weight"] = module.weight.detach()
-        elif isinstance(module, UniformQuantizer) and module.calibrated:
+        if isinstance(module, UniformQuantizer) and module.calibrated:
             state[f"{name}.scale"] = module.scale.detach()
     return state
 
