@@ -20,7 +20,7 @@ from .packing import pack_codes, unpack_codes
 from .quantizers import (
     ADALOG_DENOMINATOR,
     DEFAULT_PERCENTILES,
-    dequantize_uniform,
+    centered_codes,
     fake_quant_log,
     fake_quant_log_sqrt2,
     fake_quant_uniform,
@@ -42,6 +42,7 @@ __all__ = [
     "QuantConv2d",
     "QuantMatMul",
     "dequantize_packed_weight",
+    "packed_weight_codes",
     "is_quantized",
     "pack_weights",
     "packed_weight_tensors",
@@ -82,6 +83,12 @@ class _Quantizer(nn.Module, abc.ABC):
         """x̂ with the straight-through gradient ∂x̂/∂x = 1 (the parameters get none)."""
         return x + (self.quantize(x) - x).detach()
 
+    def integer(self, x: torch.Tensor) -> bool:
+        """Whether the forward of ``x`` is x̂ = s · (q − z) with one scale and exactly representable codes, so that
+        a consumer may multiply the codes (``UniformQuantizer.codes``) and scale the product. Log quantizers:
+        never."""
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             self.fit(x)
@@ -96,14 +103,19 @@ class _Quantizer(nn.Module, abc.ABC):
         return xq
 
 
+# Dtypes in which a product of integer codes is computed exactly (while its sums stay below 2^24 in float32):
+# there, quantized layers multiply the codes and scale the result, as integer kernels do.
+_EXACT_DTYPES = (torch.float32, torch.float64)
+
+
 class SharedInput:
     """Lets quantizers that read the same tensor (transformers' separate q/k/v projections) quantize it once:
-    the last input and its fake-quantized output, reused for an identical per-tensor quantizer."""
+    the last input and its codes less the zero point, reused for an identical per-tensor quantizer."""
 
-    __slots__ = ("input", "key", "output")
+    __slots__ = ("input", "key", "codes")
 
     def __init__(self) -> None:
-        self.input = self.key = self.output = None
+        self.input = self.key = self.codes = None
 
 
 class UniformQuantizer(_Quantizer):
@@ -134,14 +146,26 @@ class UniformQuantizer(_Quantizer):
         self.set_params(*uniform_params(low, high, self.bits))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self.shared_input
-        if shared is None or self.channelwise or self.calibrating:
+        if self.shared_input is None or self.channelwise or self.calibrating:
             return fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
+        return self.codes(x) * float(self.scale)
+
+    def integer(self, x: torch.Tensor) -> bool:
+        """Enabled, calibrated, per tensor, neither calibrating nor learning, and ``x`` float32 or float64."""
+        return (self.enabled and not self.calibrating and not self.learning and not self.channelwise
+                and self.calibrated and x.dtype in _EXACT_DTYPES)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """q − z of ``x`` (``quantizers.centered_codes``, per tensor), computed once for identical quantizers that
+        share the input."""
+        shared = self.shared_input
+        if shared is None:
+            return centered_codes(x, self.scale, self.zero_point, self.bits)
         key = (self.bits, float(self.scale), float(self.zero_point))
         if shared.input is not x or shared.key != key:
             shared.input, shared.key = x, key
-            shared.output = fake_quant_uniform(x, self.scale, self.zero_point, self.bits)
-        return shared.output
+            shared.codes = centered_codes(x, self.scale, self.zero_point, self.bits)
+        return shared.codes
 
     def quantize_differentiable(self, x: torch.Tensor) -> torch.Tensor:
         """x̂ = s · (clamp(⌊x/s⌉ + z, 0, 2^b − 1) − z) with the rounding straight-through, so that x and s get
@@ -231,7 +255,11 @@ class _WeightQuantMixin:
     * packed (``pack_weight``, what ``quantize`` and the loaders leave): no float weight. Buffers ``weight_packed``
       (the codes q = round(w/s) + z of the row-major ``(out, ...)`` weight, bit-packed at b bits by
       ``packing.pack_codes``), ``weight_scale`` (float32, ``(out,)``) and ``weight_zero_point`` (int16, or float32
-      when not integral, ``(out,)``); each call dequantizes x̂ = s · (q − z), bit-identical to the folded weight.
+      when not integral, ``(out,)``). Where the input quantizer is per tensor (``UniformQuantizer.integer``) a
+      call multiplies codes as an integer kernel does, y = s_x · s_w · ((q_x − z_x) · (q_w − z_w)) + bias,
+      exact in float32 while the sums stay below 2^24 (8-bit codes and up to 258 input features, 4-bit codes
+      and up to 74,000); otherwise it dequantizes x̂ = s · (q − z), bit-identical to the folded weight, whose
+      forward rounds every product (``docs/method.md#integer-arithmetic-in-the-pytorch-forward``).
       These are also the tensors of the packed checkpoint (``docs/method.md#checkpoint-format``). ``weight`` is
       then an empty tensor that only carries the weight's dtype and device (model code reads
       ``projection.weight.dtype``, and ``model.to(...)`` moves and casts it); the shape is ``weight_shape``.
@@ -304,12 +332,19 @@ def weight_placeholder(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty((0, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
 
 
+def packed_weight_codes(packed: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                        shape: tuple[int, ...]) -> torch.Tensor:
+    """q − z of ``shape`` (output channels first, float32) from codes packed by ``packing.pack_codes``."""
+    out = shape[0]
+    codes = unpack_codes(packed.reshape(-1), bits, (out, math.prod(shape[1:])))
+    return (codes.float() - zero_point.reshape(-1, 1).float()).reshape(shape)
+
+
 def dequantize_packed_weight(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                              shape: tuple[int, ...]) -> torch.Tensor:
     """x̂ = s · (q − z) of ``shape`` (output channels first, float32) from codes packed by ``packing.pack_codes``."""
-    out = shape[0]
-    codes = unpack_codes(packed.reshape(-1), bits, (out, math.prod(shape[1:])))
-    return dequantize_uniform(codes, scale.reshape(-1, 1).float(), zero_point.reshape(-1, 1).float()).reshape(shape)
+    codes = packed_weight_codes(packed, zero_point, bits, shape)
+    return (codes.reshape(shape[0], -1) * scale.reshape(-1, 1).float()).reshape(shape)
 
 
 def packed_weight_tensors(weight: torch.Tensor, quantizer: UniformQuantizer,
@@ -369,7 +404,12 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        if not (self.weight_is_packed and self.input_quantizer.integer(x)):
+            return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        weight = packed_weight_codes(self.weight_packed, self.weight_zero_point, self.weight_quantizer.bits,
+                                     self.weight_shape).to(x.dtype)
+        y = F.linear(self.input_quantizer.codes(x), weight).mul_(self.input_quantizer.scale * self.weight_scale)
+        return y if self.bias is None else y.add_(self.bias)
 
 
 class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
@@ -392,12 +432,19 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         return self.out_channels, self.in_channels // self.groups, *self.kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        if not (self.weight_is_packed and self.input_quantizer.integer(x)):
+            return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        weight = packed_weight_codes(self.weight_packed, self.weight_zero_point, self.weight_quantizer.bits,
+                                     self.weight_shape).to(x.dtype)
+        y = self._conv_forward(self.input_quantizer.codes(x), weight, None)
+        y = y.mul_((self.input_quantizer.scale * self.weight_scale).reshape(-1, 1, 1))
+        return y if self.bias is None else y.add_(self.bias.reshape(-1, 1, 1))
 
 
 class QuantMatMul(nn.Module):
     """a @ b with each operand fake-quantized: ``quantizer_a`` (uniform, or log-√2 for probabilities) and
-    ``quantizer_b`` (uniform)."""
+    ``quantizer_b`` (uniform). Two per-tensor uniform operands multiply their codes, s_a · s_b · ((q_a − z_a) ·
+    (q_b − z_b)), as ``QuantLinear`` does."""
 
     def __init__(self, quantizer_a: _Quantizer, quantizer_b: _Quantizer) -> None:
         super().__init__()
@@ -405,7 +452,10 @@ class QuantMatMul(nn.Module):
         self.quantizer_b = quantizer_b
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.quantizer_a(a), self.quantizer_b(b))
+        qa, qb = self.quantizer_a, self.quantizer_b
+        if qa.integer(a) and qb.integer(b):
+            return torch.matmul(qa.codes(a), qb.codes(b)).mul_(qa.scale * qb.scale)
+        return torch.matmul(qa(a), qb(b))
 
 
 def is_quantized(model: nn.Module) -> bool:

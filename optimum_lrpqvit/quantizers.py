@@ -23,6 +23,7 @@ __all__ = [
     "sorted_quantiles",
     "uniform_params",
     "search_uniform_params",
+    "centered_codes",
     "fake_quant_uniform",
     "fake_quant_weight",
     "uniform_codes",
@@ -87,16 +88,25 @@ def uniform_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[to
     return scale, zero_point
 
 
-def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """x̂ = s · (clamp(round(x/s) + z, 0, 2^b − 1) − z), computed as s · clamp(round(x/s), −z, 2^b − 1 − z)."""
+def centered_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """q − z = clamp(round(x/s), −z, 2^b − 1 − z) in x's float dtype: the codes q = clamp(round(x/s) + z, 0,
+    2^b − 1) less the zero point. x̂ = s · (q − z) (``fake_quant_uniform``), so a product of two quantized tensors
+    is s_a · s_b · Σ (q_a − z_a)(q_b − z_b): integer products, exact in float32 while the sums stay below 2^24."""
     if zero_point.dim() == 0:
         # Per tensor, with Python scalars (tensor bounds are several times slower). Clamping x to
         # [−z·s, (2^b − 1 − z)·s] before rounding gives the same codes, since the bounds are integers.
         s, z = float(scale), float(zero_point)
-        return torch.clamp(x, -z * s, (2**bits - 1 - z) * s).div_(s).round_().mul_(s)
+        return torch.clamp(x, -z * s, (2**bits - 1 - z) * s).div_(s).round_()
     q = torch.div(x, scale).round_()
     q = torch.maximum(q, -zero_point, out=q)
-    return torch.minimum(q, (2**bits - 1) - zero_point, out=q).mul_(scale)
+    return torch.minimum(q, (2**bits - 1) - zero_point, out=q)
+
+
+def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """x̂ = s · (clamp(round(x/s) + z, 0, 2^b − 1) − z) = s · ``centered_codes``."""
+    if zero_point.dim() == 0:
+        return centered_codes(x, scale, zero_point, bits).mul_(float(scale))
+    return centered_codes(x, scale, zero_point, bits).mul_(scale)
 
 
 def uniform_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from optimum_lrpqvit.nn import (
     QuantLinear,
     QuantMatMul,
     UniformQuantizer,
+    packed_weight_codes,
 )
 from optimum_lrpqvit.packing import packed_nbytes
 
@@ -96,11 +97,41 @@ def test_weights_are_left_packed_and_give_the_folded_outputs():
     codes = torch.round(weight.t() / qkv.weight_quantizer.scale) + qkv.weight_quantizer.zero_point
     assert codes.min() >= 0 and codes.max() <= 7
     assert torch.unique(weight[0]).numel() <= 8
-    unpack_weights(model)  # float Parameters holding x̂: the same model
+    unpack_weights(model)  # float Parameters holding x̂: the same model, its products rounded in float
     assert isinstance(qkv.weight, torch.nn.Parameter) and torch.equal(qkv.weight, weight)
-    assert torch.equal(model(x), packed_logits)
+    torch.testing.assert_close(model(x), packed_logits, rtol=0, atol=1e-4)
     pack_weights(model)
     assert qkv.weight_is_packed and torch.equal(model(x), packed_logits)
+
+
+def _exact_product(codes_a, codes_b, scale):
+    """s · (A · B) with the integer sums in float64 (exact), rounded to float32 once."""
+    return (codes_a.double() @ codes_b.double()).float() * scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_layers_multiply_their_integer_codes_exactly(bits):
+    model = quantize(models.timm_vit(), LRPQConfig(w_bits=bits, a_bits=bits), models.images(8))
+    fc1, patch = model.blocks[0].mlp.fc1, model.patch_embed.proj
+    x = torch.randn(5, 17, fc1.in_features)
+    q = fc1.input_quantizer
+    codes_w = packed_weight_codes(fc1.weight_packed, fc1.weight_zero_point, bits, fc1.weight_shape)
+    expected = _exact_product(q.codes(x), codes_w.t(), q.scale * fc1.weight_scale) + fc1.bias
+    assert torch.equal(fc1(x), expected)
+    assert torch.equal(fc1(x[2:3]), fc1(x)[2:3])  # exact sums: the same whatever the batch around it
+    # q·kᵀ multiplies the codes of both operands
+    matmul = model.blocks[0].attn.matmul1
+    a, b = torch.randn(3, 2, 17, 16), torch.randn(3, 2, 16, 17)
+    qa, qb = matmul.quantizer_a, matmul.quantizer_b
+    assert torch.equal(matmul(a, b), _exact_product(qa.codes(a), qb.codes(b), qa.scale * qb.scale))
+    # the patch embedding (a convolution over patches: one product per patch)
+    pixels = models.images(2, seed=3)
+    codes_p = packed_weight_codes(patch.weight_packed, patch.weight_zero_point, bits, patch.weight_shape)
+    unfolded = F.unfold(patch.input_quantizer.codes(pixels), patch.kernel_size, stride=patch.stride)
+    conv = _exact_product(codes_p.reshape(len(codes_p), -1), unfolded, (patch.input_quantizer.scale
+                                                                        * patch.weight_scale)[:, None])
+    expected = conv.reshape(patch(pixels).shape) + patch.bias[:, None, None]
+    assert torch.equal(patch(pixels), expected)
 
 
 @pytest.mark.parametrize("make", [models.hf_vit, models.hf_swin])
@@ -287,11 +318,12 @@ def test_hf_qkv_projections_quantize_their_shared_input_once():
     assert quantizers[0].shared_input is not None
     assert all(q.shared_input is quantizers[0].shared_input for q in quantizers)
     x = torch.randn(2, 17, 32)
-    outs = [q(x) for q in quantizers]
-    assert outs[1] is outs[0] and outs[2] is outs[0]
+    codes = [q.codes(x) for q in quantizers]
+    assert codes[1] is codes[0] and codes[2] is codes[0]
+    assert all(torch.equal(q(x), quantizers[0](x)) for q in quantizers)
     # a quantizer with other parameters does not reuse the shared result
     quantizers[2].set_params(quantizers[2].scale * 2, quantizers[2].zero_point)
-    assert quantizers[2](x) is not outs[0]
+    assert quantizers[2].codes(x) is not codes[0]
     torch.testing.assert_close(quantizers[2](x), quantizers[2].quantize(x.clone()))
 
 
