@@ -26,10 +26,10 @@ from pathlib import Path
 
 import onnxruntime
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
 from optimum_lrpqvit import LRPQConfig, export_onnx, unpack_weights
-from optimum_lrpqvit.data import load_image_dataset, preprocess
+from optimum_lrpqvit.data import load_image_dataset, load_image_processor, preprocess
 from optimum_lrpqvit.evaluation import predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +58,7 @@ def main() -> None:
     test = load_image_dataset("fashion_mnist", "test", num_samples=args.num_images)
     for name in args.models:
         path = ROOT / "reference_models" / MODELS[name]
-        pixels, labels = preprocess(test, AutoImageProcessor.from_pretrained(path))
+        pixels, labels = preprocess(test, load_image_processor(path))
         for bits in args.bits:
             config = LRPQConfig(w_bits=bits, a_bits=bits, dataset="fashion_mnist")
             model = AutoModelForImageClassification.from_pretrained(path, quantization_config=config).eval()
