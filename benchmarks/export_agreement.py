@@ -67,10 +67,7 @@ def main() -> None:
             if args.references:
                 references["dequantized"] = predict_logits(unpack_weights(copy.deepcopy(model)), pixels,
                                                            desc="dequantized")
-                with torch.no_grad():
-                    double = copy.deepcopy(model).double()
-                    references["float64"] = torch.cat([double(pixel_values=b.double()).logits.float()
-                                                       for b in pixels.split(250)])
+                references["float64"] = predict_logits(copy.deepcopy(model).double(), pixels, desc="float64")
             for codes in args.weight_codes:
                 with tempfile.TemporaryDirectory() as work:
                     onnx_path = export_onnx(model, Path(work) / "model.onnx", weight_codes=codes)

@@ -267,6 +267,7 @@ class _WeightQuantMixin:
 
     weight: nn.Parameter
     weight_quantizer: UniformQuantizer
+    input_quantizer: UniformQuantizer
     weight_folded: bool
 
     @property
@@ -292,6 +293,14 @@ class _WeightQuantMixin:
             self.calibrate_weight()
         wq = self.weight_quantizer.quantize(weight_columns(self.weight))
         return wq.t().reshape(self.weight.shape)
+
+    def integer_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """q − z of the weight (``weight_shape``, in x's dtype) where this call of ``x`` multiplies codes: a packed
+        weight and an input quantizer for which ``integer(x)`` holds; None otherwise."""
+        if not (self.weight_is_packed and self.input_quantizer.integer(x)):
+            return None
+        return packed_weight_codes(self.weight_packed, self.weight_zero_point, self.weight_quantizer.bits,
+                                   self.weight_shape).to(x.dtype)
 
     @torch.no_grad()
     def fold_weight(self) -> None:
@@ -404,10 +413,9 @@ class QuantLinear(_WeightQuantMixin, nn.Linear):
         return q.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.weight_is_packed and self.input_quantizer.integer(x)):
+        weight = self.integer_weight(x)
+        if weight is None:
             return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
-        weight = packed_weight_codes(self.weight_packed, self.weight_zero_point, self.weight_quantizer.bits,
-                                     self.weight_shape).to(x.dtype)
         y = F.linear(self.input_quantizer.codes(x), weight).mul_(self.input_quantizer.scale * self.weight_scale)
         return y if self.bias is None else y.add_(self.bias)
 
@@ -432,10 +440,9 @@ class QuantConv2d(_WeightQuantMixin, nn.Conv2d):
         return self.out_channels, self.in_channels // self.groups, *self.kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.weight_is_packed and self.input_quantizer.integer(x)):
+        weight = self.integer_weight(x)
+        if weight is None:
             return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
-        weight = packed_weight_codes(self.weight_packed, self.weight_zero_point, self.weight_quantizer.bits,
-                                     self.weight_shape).to(x.dtype)
         y = self._conv_forward(self.input_quantizer.codes(x), weight, None)
         y = y.mul_((self.input_quantizer.scale * self.weight_scale).reshape(-1, 1, 1))
         return y if self.bias is None else y.add_(self.bias.reshape(-1, 1, 1))
