@@ -132,6 +132,9 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
     q.add_argument("--weight-rounding", default="nearest", choices=weight_rounding,
                    help="weight rounding: nearest, or gptq (error-compensating, one more calibration pass) "
                         "(default: %(default)s)")
+    q.add_argument("--center-keys", action="store_true",
+                   help="shift each key channel by its calibration midpoint, folded into the key bias (softmax "
+                        "unchanged; one more calibration pass) (default: off)")
     q.add_argument("--reconstruction", default=None, choices=["block"],
                    help="block: after calibration, tune each block's weight rounding and activation step sizes to "
                         "the float block's output (AdaRound + QDrop; minutes to hours) (default: calibration only)")

@@ -2,6 +2,7 @@
 
     pip install optimum-quanto torchao   # optional benchmark dependencies
     python benchmarks/peers.py [--models reference_models/vit-fashion-mnist ...] [--num-eval 2000] [--seed 0]
+        [--w-bits 8 4] [--methods "lrpqvit default" optimum-quanto ...]
 
 On every reference model, the same 32 seeded calibration images from the train split and the first `--num-eval`
 test images: full precision, then at W8/A8 and W4/A8
@@ -10,7 +11,7 @@ test images: full precision, then at W8/A8 and W4/A8
   static per tensor): the paper's default (CRL, log-√2 probabilities, round-to-nearest weights) and the options
   `softmax_quantizer="adalog"`, `weight_rounding="gptq"` and `post_ln="repq"`, alone and combined, and the
   three with block reconstruction (`reconstruction="block"`, on the 1,024 train images after the calibration
-  images);
+  images), also with min–max activation ranges (`percentiles=[1.0]`: no clipping, which 8 bits can afford);
 * optimum-quanto (`quantize(weights=qint8|qint4, activations=qint8)` + `Calibration`, static activation scales on
   the Linear layers; attention matmuls in float);
 * torchao (`Int8DynamicActivationInt8WeightConfig`, and `Int8DynamicActivationIntxWeightConfig(torch.int4)` per
@@ -45,6 +46,8 @@ OURS = {
     "adalog+gptq+repq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq"},
     "adalog+gptq+repq+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
                                "reconstruction": "block"},
+    "adalog+gptq+repq+minmax+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
+                                      "percentiles": [1.0], "reconstruction": "block"},
 }
 
 
@@ -92,6 +95,9 @@ def main() -> None:
     parser.add_argument("--num-eval", type=int, default=2000)
     parser.add_argument("--num-calibration", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--w-bits", nargs="+", type=int, default=[8, 4], choices=[8, 4])
+    parser.add_argument("--methods", nargs="+", default=None, help="run only these methods (default: all)",
+                        choices=[f"lrpqvit {k}" for k in OURS] + ["optimum-quanto", "torchao dynamic"])
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     out_json = RESULTS / "peers.json"
@@ -107,9 +113,10 @@ def main() -> None:
                                        load_image_processor(model_dir), progress=False)
         reference = logits_of(base, pixels)
         entry["full_precision"] = fidelity(reference, labels)
-        for w_bits in (8, 4):
+        for w_bits in args.w_bits:
             methods = {f"lrpqvit {k}": ours(v, w_bits, calibration, reconstruction) for k, v in OURS.items()}
             methods |= {"optimum-quanto": quanto, "torchao dynamic": torchao}
+            methods = {k: v for k, v in methods.items() if args.methods is None or k in args.methods}
             for method, run in methods.items():
                 key = f"W{w_bits}/A8 {method}"
                 if key in entry["runs"]:

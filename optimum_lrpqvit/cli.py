@@ -180,7 +180,8 @@ def quantize_command(args: argparse.Namespace) -> int:
     options = {} if args.candidate_bits is None else {"candidate_bits": args.candidate_bits}
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
                         softmax_quantizer=args.softmax_quantizer, gelu_quantizer=args.gelu_quantizer,
-                        weight_rounding=args.weight_rounding, quantize_head=args.quantize_head,
+                        weight_rounding=args.weight_rounding, center_keys=args.center_keys,
+                        quantize_head=args.quantize_head,
                         reconstruction=args.reconstruction, reconstruction_samples=args.reconstruction_samples,
                         reconstruction_iters=args.reconstruction_iters,
                         reconstruction_seconds=args.reconstruction_seconds,
@@ -219,6 +220,7 @@ def quantize_command(args: argparse.Namespace) -> int:
                           *([args.softmax_quantizer] if args.softmax_quantizer != "log_sqrt2" else []),
                           *([f"gelu {args.gelu_quantizer}"] if args.gelu_quantizer != "uniform" else []),
                           *([args.weight_rounding] if args.weight_rounding != "nearest" else []),
+                          *(["keys centred"] if args.center_keys else []),
                           *([f"{args.reconstruction} reconstruction"] if args.reconstruction else []),
                           *(["head quantized"] if args.quantize_head else []),
                           *([f"{applied.importance} mixed ({applied.allocation})"] if applied.mixed_precision else [])])
@@ -292,7 +294,8 @@ COMMANDS = {"quantize": quantize_command, "score": score_command, "evaluate": ev
 # Python names in the library's messages → the flags a command-line user typed
 _FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "post_ln": "--post-ln", "crl_k": "--crl-k",
           "softmax_quantizer": "--softmax-quantizer", "gelu_quantizer": "--gelu-quantizer",
-          "weight_rounding": "--weight-rounding", "reconstruction_samples": "--reconstruction-samples",
+          "weight_rounding": "--weight-rounding", "center_keys": "--center-keys",
+          "reconstruction_samples": "--reconstruction-samples",
           "reconstruction_iters": "--reconstruction-iters", "reconstruction_seconds": "--reconstruction-seconds",
           "reconstruction": "--reconstruction",
           "candidate_bits": "--candidate-bits", "num_importance_samples": "--num-importance-samples",

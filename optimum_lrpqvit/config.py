@@ -74,6 +74,11 @@ class LRPQConfig(QuantizationConfigMixin):
         weight_rounding (`str`, *optional*, defaults to `"nearest"`):
             `"nearest"`, or `"gptq"`: GPTQ's error-compensating rounding on each layer's calibration inputs
             (one more forward pass of the calibration images).
+        center_keys (`bool`, *optional*, defaults to `False`):
+            Before calibration, shift every key channel by the midpoint of its calibration range, folded into the
+            key projection's bias (one more forward pass of the calibration images): the softmax over the keys
+            is unchanged, and one per-tensor scale of k no longer has to span the channels' offsets. Not for
+            attention with normalised keys (Swin V2, timm ViTs with `qk_norm`).
         reconstruction (`str`, *optional*):
             `"block"`: after calibration and weight rounding, tune each block's weight rounding (AdaRound) and
             activation step sizes (LSQ) to reproduce the float block's output, with QDrop's random dropping of
@@ -143,6 +148,7 @@ class LRPQConfig(QuantizationConfigMixin):
         softmax_quantizer: str = "log_sqrt2",
         gelu_quantizer: str = "uniform",
         weight_rounding: str = "nearest",
+        center_keys: bool = False,
         reconstruction: str | None = None,
         reconstruction_samples: int = 1024,
         reconstruction_iters: int = 500,
@@ -178,6 +184,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.softmax_quantizer = softmax_quantizer
         self.gelu_quantizer = gelu_quantizer
         self.weight_rounding = weight_rounding
+        self.center_keys = center_keys
         self.reconstruction = reconstruction
         self.reconstruction_samples = reconstruction_samples
         self.reconstruction_iters = reconstruction_iters
@@ -252,7 +259,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {self.percentiles!r}.")
-        for name in ("mixed_precision", "quantize_head"):
+        for name in ("mixed_precision", "quantize_head", "center_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
         if self.quantize_head and self.mixed_precision:

@@ -90,6 +90,8 @@ def _method_line(config: LRPQConfig) -> str:
         probabilities += ", AdaLog post-GELU activations"
     if config.weight_rounding == "gptq":
         probabilities += ", GPTQ weight rounding"
+    if config.center_keys:
+        probabilities += ", keys centred per channel (folded into the key bias)"
     if config.reconstruction == "block":
         probabilities += (", block reconstruction (AdaRound weight rounding and LSQ activation step sizes with "
                           f"QDrop, up to {config.reconstruction_iters} steps per block)")

@@ -25,6 +25,7 @@ from .bit_plan import BitPlan, read_bit_plan
 from .config import LRPQConfig
 from .importance import importance_criterion
 from .inputs import as_pixel_values
+from .key_centering import center_keys, key_centering_problem
 from .mixed_precision import mixed_bit_plan
 from .nn import (
     QuantConv2d,
@@ -156,12 +157,15 @@ def _reparameterize_post_ln(model: nn.Module, layout: Layout, config: LRPQConfig
 def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConfig, pixels: torch.Tensor,
               reconstruction_pixels: torch.Tensor | None = None, progress: bool = True,
               checkpoint_dir: str | os.PathLike | None = None) -> None:
-    """Calibrate every quantizer of a prepared model in one pass, then reparameterise its post-LayerNorm
+    """With ``config.center_keys``, centre the keys (``key_centering``, one float pass); calibrate every quantizer
+    of a prepared model in one pass, then reparameterise its post-LayerNorm
     activations (``repq``/``crl``), re-calibrate the weights that changed and round them by
     ``config.weight_rounding`` (``gptq``: one more pass); with ``config.reconstruction``, then tune the rounding
     and activation step sizes block by block on ``reconstruction_pixels`` (default: ``pixels``), resumable from
     ``checkpoint_dir``. Weights are not packed."""
     with torch.no_grad():
+        if config.center_keys:
+            center_keys(model, family, layout, pixels)
         with calibration(model):
             family.logits(model, pixels)
         _check_all_ran(model, layout)
@@ -271,6 +275,11 @@ def quantize(model: nn.Module, config: LRPQConfig, calibration_data: object,
             raise ValueError("reconstruction_data was given but config.reconstruction is None: set "
                              "LRPQConfig(reconstruction='block') to reconstruct, or leave reconstruction_data out.")
         reconstruction = as_pixel_values(reconstruction_data, *shape).to(device=param.device, dtype=param.dtype)
+    if config.center_keys:
+        problem = key_centering_problem(model, family, layout, post_ln_treatment(config.post_ln).reparameterises)
+        if problem is not None:
+            raise ValueError(f"center_keys=True cannot be used with this {type(model).__name__}: {problem}. "
+                             "Leave center_keys off. Nothing was changed.")
     restore = _restorer(model, family, layout)
     try:
         model.eval()

@@ -102,10 +102,13 @@ def test_an_output_directory_of_an_earlier_run_needs_overwrite(tmp_path, capsys)
 def test_the_accuracy_options_reach_the_saved_config(tmp_path):
     float_dir = models.save_checkpoint(models.hf_vit(), tmp_path / "float")
     assert cli.main(["quantize", float_dir, str(tmp_path / "out"), "--num-calibration-samples", "4",
-                     "--softmax-quantizer", "adalog", "--gelu-quantizer", "adalog", "--weight-rounding", "gptq"]) == 0
+                     "--softmax-quantizer", "adalog", "--gelu-quantizer", "adalog", "--weight-rounding", "gptq",
+                     "--center-keys"]) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert (saved["softmax_quantizer"], saved["gelu_quantizer"], saved["weight_rounding"]) == ("adalog",) * 2 + ("gptq",)
-    assert "AdaLog attention probabilities" in (tmp_path / "out" / "README.md").read_text()
+    assert saved["center_keys"] is True
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "AdaLog attention probabilities" in card and "keys centred" in card
 
 
 def test_library_errors_name_the_flags():

@@ -80,6 +80,8 @@ def test_round_trip_gives_identical_logits(family, tmp_path):
     ("hf_vit", {"softmax_quantizer": "adalog", "gelu_quantizer": "adalog", "weight_rounding": "gptq"}),
     ("wrapped_timm_vit", {"gelu_quantizer": "adalog", "a_bits": 3}),
     ("hf_swin", {"softmax_quantizer": "adalog", "a_bits": 8}),
+    ("wrapped_timm_vit", {"center_keys": True}),  # shifted key biases, in the fused qkv
+    ("hf_vit", {"center_keys": True, "weight_rounding": "gptq"}),
 ])
 def test_round_trip_variants(family, config, tmp_path):
     model = _quantized(family, **config)

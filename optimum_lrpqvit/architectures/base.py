@@ -118,6 +118,11 @@ class Family(abc.ABC):
     def remove_pad_values(self, model: nn.Module) -> None:
         """Undo ``install_pad_values``."""
 
+    def key_centering_problem(self, model: nn.Module) -> str | None:
+        """Why shifting ``model``'s keys would change its attention (``key_centering``: normalised keys), or None
+        where softmax attention over the keys is invariant to it."""
+        return None
+
     def export_problem(self, model: nn.Module) -> str | None:
         """Why ``model`` cannot be exported to ONNX, or None where it can."""
         return None

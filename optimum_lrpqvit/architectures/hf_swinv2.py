@@ -92,6 +92,9 @@ class _HFSwinv2(HFFamily):
     layer_classes = (Swinv2Layer,)
     attention_forward = staticmethod(_attention_forward)
 
+    def key_centering_problem(self, model: nn.Module) -> str | None:
+        return "Swin V2's cosine attention normalises every key, so a shifted key changes the attention"
+
     def layout(self, model: nn.Module) -> Layout:
         prefix = "swinv2." if isinstance(model, Swinv2ForImageClassification) else ""
         patch_embed = f"{prefix}embeddings.patch_embeddings.projection"

@@ -88,6 +88,11 @@ class _TimmViT(TimmFamily):
     def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         return [(block, _block_forward) for block in model.blocks]
 
+    def key_centering_problem(self, model: nn.Module) -> str | None:
+        if any(not isinstance(block.attn.k_norm, nn.Identity) for block in model.blocks):
+            return "this timm ViT normalises its keys (qk_norm), so a shifted key changes the attention"
+        return None
+
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         pe = model.patch_embed
         if getattr(pe, "dynamic_img_size", False) or not getattr(pe, "strict_img_size", True):

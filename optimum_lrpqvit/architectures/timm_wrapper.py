@@ -65,6 +65,9 @@ class _TimmWrapper(Family):
     def block_forwards(self, model: nn.Module) -> list[tuple[nn.Module, Callable]]:
         return _inner(model).block_forwards(model.timm_model)
 
+    def key_centering_problem(self, model: nn.Module) -> str | None:
+        return _inner(model).key_centering_problem(model.timm_model)
+
     def input_shape(self, model: nn.Module) -> tuple[int, int | None, int | None]:
         return _inner(model).input_shape(model.timm_model)
 
