@@ -44,6 +44,26 @@ def sample_indices(seed: int, n: int, total: int, offset: int = 0) -> list[int]:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[offset:offset + n].tolist()
 
 
+def save_merged(out_json: Path, entries: dict[str, dict]) -> dict:
+    """Write ``entries`` (key → entry with ``model_sha256`` and ``runs``) into ``out_json``, keeping the runs that
+    other processes wrote meanwhile (several may run at once, also on the same model): those are merged into the
+    entry objects themselves, which their callers keep adding runs to. The read-merge-replace is not locked, so a
+    run can still be lost to a write in between, and is then measured again by the next invocation. Returns the
+    file's whole content."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    on_disk = json.loads(out_json.read_text()) if out_json.exists() else {}
+    for key, entry in entries.items():
+        theirs = on_disk.get(key, {})
+        if theirs.get("model_sha256") == entry["model_sha256"]:
+            for run_key, metrics in theirs["runs"].items():
+                entry["runs"].setdefault(run_key, metrics)
+        on_disk[key] = entry
+    tmp = out_json.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
+    os.replace(tmp, out_json)
+    return on_disk
+
+
 def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], name: str, num_eval: int,
              num_calibration: int = 32, num_importance: int = 256) -> dict:
     """Quantize and evaluate every job on every model variant; results are saved after each run."""
@@ -55,21 +75,7 @@ def run_jobs(model_dirs: list[str], jobs: list[Job], variants: tuple[str, ...], 
     mine: set[str] = set()
 
     def save() -> None:
-        """Write this run's entries, keeping the runs other processes wrote meanwhile (several may run at once,
-        also on the same model); the read-merge-replace is not locked, so a run can still be lost to a write
-        in between, and is then measured again by the next invocation."""
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        on_disk = json.loads(out_json.read_text()) if out_json.exists() else {}
-        for key in mine:  # merged into the entry object itself: the caller keeps adding runs to it
-            theirs = on_disk.get(key, {})
-            if theirs.get("model_sha256") == results[key]["model_sha256"]:
-                for run_key, metrics in theirs["runs"].items():
-                    results[key]["runs"].setdefault(run_key, metrics)
-            on_disk[key] = results[key]
-        tmp = out_json.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(on_disk, indent=2) + "\n")
-        os.replace(tmp, out_json)
-        results.update(on_disk)
+        results.update(save_merged(out_json, {key: results[key] for key in mine}))
 
     for model_dir in model_dirs:
         base = AutoModelForImageClassification.from_pretrained(model_dir).eval()

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from accuracy import REFERENCE_MODELS, RESULTS, model_entry, reference_inputs, sample_indices
+from accuracy import REFERENCE_MODELS, RESULTS, model_entry, reference_inputs, sample_indices, save_merged
 
 from optimum_lrpqvit import LRPQConfig, quantize
 from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
@@ -46,6 +46,8 @@ OURS = {
     "adalog+gptq+repq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq"},
     "adalog+gptq+repq+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
                                "reconstruction": "block"},
+    "adalog+gptq+repq+minmax": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
+                                "percentiles": [1.0]},
     "adalog+gptq+repq+minmax+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
                                       "percentiles": [1.0], "reconstruction": "block"},
 }
@@ -128,14 +130,12 @@ def main() -> None:
                     "quantize_seconds": round(seconds, 2)}
                 print(f"{name} {key}: {entry['runs'][key]}", file=sys.stderr, flush=True)
                 entry["command"] = "python benchmarks/peers.py " + " ".join(sys.argv[1:])
-                results[name] = entry
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                out_json.write_text(json.dumps(results, indent=2) + "\n")
+                results = save_merged(out_json, {name: entry})
     write_markdown(results)
 
 
 def write_markdown(results: dict) -> None:
-    keys = list(next(iter(results.values()))["runs"])
+    keys = list(dict.fromkeys(k for entry in results.values() for k in entry["runs"]))
     lines = ["Made with `python benchmarks/peers.py` (the command of each model's run is in peers.json). "
              "KL(FP ‖ q) / top-1 agreement with full precision (%) on the first "
              f"{next(iter(results.values()))['num_eval']} test images; 32 calibration images.", ""]
@@ -144,7 +144,7 @@ def write_markdown(results: dict) -> None:
         lines += ["| model | FP top-1 | " + " | ".join(c.split(" ", 1)[1] for c in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
         for name, entry in results.items():
-            cells = [f"{entry['runs'][c]['kl']:.5f} / {entry['runs'][c]['agreement']:.2f}" if c in entry["runs"]
+            cells = [f"{entry['runs'][c]['kl']:.6f} / {entry['runs'][c]['agreement']:.2f}" if c in entry["runs"]
                      else "–" for c in cols]
             lines.append(f"| {name} W{w_bits}/A8 | {entry['full_precision']['top1']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
