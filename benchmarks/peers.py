@@ -37,19 +37,20 @@ from optimum_lrpqvit import LRPQConfig, quantize
 from optimum_lrpqvit.data import load_fashion_mnist, load_image_processor, preprocess
 from optimum_lrpqvit.evaluation import fidelity
 
+ADALOG_GPTQ = {"softmax_quantizer": "adalog", "weight_rounding": "gptq"}
+ADALOG_GPTQ_REPQ = {**ADALOG_GPTQ, "post_ln": "repq"}
+MINMAX = {"percentiles": [1.0]}
+BLOCK = {"reconstruction": "block"}
 OURS = {
     "default": {},
     "adalog": {"softmax_quantizer": "adalog"},
     "gptq": {"weight_rounding": "gptq"},
     "repq": {"post_ln": "repq"},
-    "adalog+gptq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq"},
-    "adalog+gptq+repq": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq"},
-    "adalog+gptq+repq+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
-                               "reconstruction": "block"},
-    "adalog+gptq+repq+minmax": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
-                                "percentiles": [1.0]},
-    "adalog+gptq+repq+minmax+block": {"softmax_quantizer": "adalog", "weight_rounding": "gptq", "post_ln": "repq",
-                                      "percentiles": [1.0], "reconstruction": "block"},
+    "adalog+gptq": ADALOG_GPTQ,
+    "adalog+gptq+repq": ADALOG_GPTQ_REPQ,
+    "adalog+gptq+repq+block": {**ADALOG_GPTQ_REPQ, **BLOCK},
+    "adalog+gptq+repq+minmax": {**ADALOG_GPTQ_REPQ, **MINMAX},
+    "adalog+gptq+repq+minmax+block": {**ADALOG_GPTQ_REPQ, **MINMAX, **BLOCK},
 }
 
 

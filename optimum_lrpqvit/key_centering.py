@@ -65,8 +65,7 @@ def center_keys(model: nn.Module, family: Family, layout: Layout, pixels: torch.
 
     def observer(attention: str, fused: bool):
         def hook(module: nn.Linear, args: tuple, out: torch.Tensor) -> None:
-            rows = _key_rows(module, fused)
-            keys = out[..., rows].reshape(-1, rows.stop - rows.start)
+            keys = out[..., _key_rows(module, fused)].flatten(0, -2)
             low, high = keys.amin(0), keys.amax(0)
             if attention in ranges:
                 low, high = torch.minimum(low, ranges[attention][0]), torch.maximum(high, ranges[attention][1])

@@ -158,11 +158,10 @@ def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConf
               reconstruction_pixels: torch.Tensor | None = None, progress: bool = True,
               checkpoint_dir: str | os.PathLike | None = None) -> None:
     """With ``config.center_keys``, centre the keys (``key_centering``, one float pass); calibrate every quantizer
-    of a prepared model in one pass, then reparameterise its post-LayerNorm
-    activations (``repq``/``crl``), re-calibrate the weights that changed and round them by
-    ``config.weight_rounding`` (``gptq``: one more pass); with ``config.reconstruction``, then tune the rounding
-    and activation step sizes block by block on ``reconstruction_pixels`` (default: ``pixels``), resumable from
-    ``checkpoint_dir``. Weights are not packed."""
+    of a prepared model in one pass, then reparameterise its post-LayerNorm activations (``repq``/``crl``),
+    re-calibrate the weights that changed and round them by ``config.weight_rounding`` (``gptq``: one more pass);
+    with ``config.reconstruction``, then tune the rounding and activation step sizes block by block on
+    ``reconstruction_pixels`` (default: ``pixels``), resumable from ``checkpoint_dir``. Weights are not packed."""
     with torch.no_grad():
         if config.center_keys:
             center_keys(model, family, layout, pixels)
