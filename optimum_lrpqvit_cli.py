@@ -135,6 +135,9 @@ def add_commands(parser: argparse.ArgumentParser, post_ln: tuple[str, ...] = POS
     q.add_argument("--center-keys", action="store_true",
                    help="shift each key channel by its calibration midpoint, folded into the key bias (softmax "
                         "unchanged; one more calibration pass) (default: off)")
+    q.add_argument("--compensate-activations", action="store_true",
+                   help="before rounding, re-solve each Linear's weight and bias so that it reproduces the float "
+                        "output from its quantized input (two more calibration passes) (default: off)")
     q.add_argument("--reconstruction", default=None, choices=["block"],
                    help="block: after calibration, tune each block's weight rounding and activation step sizes to "
                         "the float block's output (AdaRound + QDrop; minutes to hours) (default: calibration only)")

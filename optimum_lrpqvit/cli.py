@@ -181,6 +181,7 @@ def quantize_command(args: argparse.Namespace) -> int:
     config = LRPQConfig(w_bits=args.w_bits, a_bits=args.a_bits, post_ln=args.post_ln, crl_k=args.crl_k,
                         softmax_quantizer=args.softmax_quantizer, gelu_quantizer=args.gelu_quantizer,
                         weight_rounding=args.weight_rounding, center_keys=args.center_keys,
+                        compensate_activations=args.compensate_activations,
                         quantize_head=args.quantize_head,
                         reconstruction=args.reconstruction, reconstruction_samples=args.reconstruction_samples,
                         reconstruction_iters=args.reconstruction_iters,
@@ -221,6 +222,7 @@ def quantize_command(args: argparse.Namespace) -> int:
                           *([f"gelu {args.gelu_quantizer}"] if args.gelu_quantizer != "uniform" else []),
                           *([args.weight_rounding] if args.weight_rounding != "nearest" else []),
                           *(["keys centred"] if args.center_keys else []),
+                          *(["activations compensated"] if args.compensate_activations else []),
                           *([f"{args.reconstruction} reconstruction"] if args.reconstruction else []),
                           *(["head quantized"] if args.quantize_head else []),
                           *([f"{applied.importance} mixed ({applied.allocation})"] if applied.mixed_precision else [])])
@@ -295,6 +297,7 @@ COMMANDS = {"quantize": quantize_command, "score": score_command, "evaluate": ev
 _FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "post_ln": "--post-ln", "crl_k": "--crl-k",
           "softmax_quantizer": "--softmax-quantizer", "gelu_quantizer": "--gelu-quantizer",
           "weight_rounding": "--weight-rounding", "center_keys": "--center-keys",
+          "compensate_activations": "--compensate-activations",
           "reconstruction_samples": "--reconstruction-samples",
           "reconstruction_iters": "--reconstruction-iters", "reconstruction_seconds": "--reconstruction-seconds",
           "reconstruction": "--reconstruction",

@@ -79,6 +79,12 @@ class LRPQConfig(QuantizationConfigMixin):
             key projection's bias (one more forward pass of the calibration images): the softmax over the keys
             is unchanged, and one per-tensor scale of k no longer has to span the channels' offsets. Not for
             attention with normalised keys (Swin V2, timm ViTs with `qk_norm`).
+        compensate_activations (`bool`, *optional*, defaults to `False`):
+            Before weight rounding, re-solve every Linear's weight and bias, in execution order, so that the layer
+            on its quantized input reproduces the float model's output (ridge regression, as ERQ's activation
+            quantization error reduction; two more forward passes of the calibration images, holding every
+            Linear's float input on them). With `weight_rounding="gptq"`, GPTQ then uses the Hessian of the
+            quantized inputs.
         reconstruction (`str`, *optional*):
             `"block"`: after calibration and weight rounding, tune each block's weight rounding (AdaRound) and
             activation step sizes (LSQ) to reproduce the float block's output, with QDrop's random dropping of
@@ -149,6 +155,7 @@ class LRPQConfig(QuantizationConfigMixin):
         gelu_quantizer: str = "uniform",
         weight_rounding: str = "nearest",
         center_keys: bool = False,
+        compensate_activations: bool = False,
         reconstruction: str | None = None,
         reconstruction_samples: int = 1024,
         reconstruction_iters: int = 500,
@@ -185,6 +192,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.gelu_quantizer = gelu_quantizer
         self.weight_rounding = weight_rounding
         self.center_keys = center_keys
+        self.compensate_activations = compensate_activations
         self.reconstruction = reconstruction
         self.reconstruction_samples = reconstruction_samples
         self.reconstruction_iters = reconstruction_iters
@@ -259,9 +267,12 @@ class LRPQConfig(QuantizationConfigMixin):
         self.candidate_bits = _number_list(self.candidate_bits, "candidate_bits")
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
             raise ValueError(f"percentiles must be a non-empty list of values in (0.5, 1], got {self.percentiles!r}.")
-        for name in ("mixed_precision", "quantize_head", "center_keys"):
+        for name in ("mixed_precision", "quantize_head", "center_keys", "compensate_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+        if self.compensate_activations and self.weight_rounding not in ("nearest", "gptq"):
+            raise ValueError("compensate_activations=True re-solves the weights before rounding them by "
+                             f"'nearest' or 'gptq', not by weight_rounding={self.weight_rounding!r}.")
         if self.quantize_head and self.mixed_precision:
             raise ValueError("quantize_head=True cannot be combined with mixed_precision=True: LRP importance is "
                              "measured on the backbone only, so the head's layers would have no score. Quantize the "

@@ -88,6 +88,8 @@ def _method_line(config: LRPQConfig) -> str:
                      if config.softmax_quantizer == "adalog" else "log-√2 attention probabilities")
     if config.gelu_quantizer == "adalog":
         probabilities += ", AdaLog post-GELU activations"
+    if config.compensate_activations:
+        probabilities += ", weights and biases re-solved for the quantized inputs"
     if config.weight_rounding == "gptq":
         probabilities += ", GPTQ weight rounding"
     if config.center_keys:

@@ -42,7 +42,7 @@ from .post_ln import post_ln_treatment
 from .reconstruction import reconstruct
 from .registry import GELU_QUANTIZERS, SOFTMAX_QUANTIZERS
 from .reparam import reparam_factors, reparameterize
-from .rounding import weight_rounding
+from .rounding import compensate_activations, weight_rounding
 from .scores import read_scores
 
 __all__ = ["applied_config", "attach_applied_config", "calibrate", "layer_importance",
@@ -159,7 +159,8 @@ def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConf
               checkpoint_dir: str | os.PathLike | None = None) -> None:
     """With ``config.center_keys``, centre the keys (``key_centering``, one float pass); calibrate every quantizer
     of a prepared model in one pass, then reparameterise its post-LayerNorm activations (``repq``/``crl``),
-    re-calibrate the weights that changed and round them by ``config.weight_rounding`` (``gptq``: one more pass);
+    re-calibrate the weights that changed and round them by ``config.weight_rounding`` (``gptq``: one more pass),
+    with ``config.compensate_activations`` after re-solving each Linear for its quantized inputs (two passes);
     with ``config.reconstruction``, then tune the rounding and activation step sizes block by block on
     ``reconstruction_pixels`` (default: ``pixels``), resumable from ``checkpoint_dir``. Weights are not packed."""
     with torch.no_grad():
@@ -170,11 +171,15 @@ def calibrate(model: nn.Module, family: Family, layout: Layout, config: LRPQConf
         _check_all_ran(model, layout)
         if post_ln_treatment(config.post_ln).reparameterises:
             _reparameterize_post_ln(model, layout, config)
-        float_weights = {name: model.get_submodule(name).weight for name in layout.weight_points()}
-        weight_rounding(config.weight_rounding)(model, family, layout, pixels)
+        float_params = {f"{name}.{key}": p for name in layout.weight_points()
+                        for key, p in model.get_submodule(name).named_parameters(recurse=False)}
+        if config.compensate_activations:
+            compensate_activations(model, family, layout, pixels, config.weight_rounding)
+        else:
+            weight_rounding(config.weight_rounding)(model, family, layout, pixels)
     if config.reconstruction is not None:
         reconstruct(model, family, layout, pixels if reconstruction_pixels is None else reconstruction_pixels,
-                    float_weights, config.reconstruction_iters, config.reconstruction_seconds, config.seed, progress,
+                    float_params, config.reconstruction_iters, config.reconstruction_seconds, config.seed, progress,
                     checkpoint_dir)
 
 

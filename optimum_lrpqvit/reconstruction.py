@@ -206,20 +206,21 @@ def _capture(model: nn.Module, family: Family, unit: nn.Module, pixels: torch.Te
 
 
 @contextmanager
-def _float_weights(model: nn.Module, float_weights: dict[str, nn.Parameter]) -> Iterator[None]:
-    """The float model: every quantizer the identity and every quantized layer on its float weight."""
+def _float_weights(model: nn.Module, float_params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """The float model: every quantizer the identity and every quantized layer on its float parameters."""
     saved = {}
-    for name, weight in float_weights.items():
-        module = model.get_submodule(name)
-        saved[name] = (module._parameters["weight"], module.weight_folded)
-        module._parameters["weight"], module.weight_folded = weight, False
+    for path, param in float_params.items():
+        module_name, key = path.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        saved[path] = (module, key, module._parameters[key], module.weight_folded)
+        module._parameters[key] = param
+        module.weight_folded = False
     try:
         with quantizers_disabled(model):
             yield
     finally:
-        for name, (weight, folded) in saved.items():
-            module = model.get_submodule(name)
-            module._parameters["weight"], module.weight_folded = weight, folded
+        for module, key, param, folded in saved.values():
+            module._parameters[key], module.weight_folded = param, folded
 
 
 class _StepSizes:
@@ -398,13 +399,14 @@ def _fingerprint(model: nn.Module, pixels: torch.Tensor, units: list[str], setti
 
 
 def reconstruct(model: nn.Module, family: Family, layout: Layout, pixels: torch.Tensor,
-                float_weights: dict[str, nn.Parameter], iterations: int, seconds: float | None = None,
+                float_params: dict[str, nn.Parameter], iterations: int, seconds: float | None = None,
                 seed: int = 0, progress: bool = True,
                 checkpoint_dir: str | os.PathLike | None = None) -> dict[str, UnitResult]:
     """Block reconstruction of the calibrated ``model`` on ``pixels`` (module docstring): each unit for
     ``iterations`` Adam steps on batches of ``BATCH``, fewer where a budget of ``seconds`` for all units would
-    otherwise be exceeded. ``float_weights``: the float weight Parameter of every quantized layer, as before
-    weight rounding. Unit ``i`` draws its batches from a generator seeded with (``seed``, ``i``), so that with
+    otherwise be exceeded. ``float_params``: the float Parameters of the quantized layers as before weight
+    rounding, by their names in ``model`` (every ``.weight``, and the ``.bias`` that activation compensation
+    re-solves). Unit ``i`` draws its batches from a generator seeded with (``seed``, ``i``), so that with
     ``checkpoint_dir`` a run started again with the same arguments loads the units finished before (checked by
     SHA-256) and goes on with the same result as an uninterrupted run. Returns ``{unit: UnitResult}``."""
     units = reconstruction_units(model, family, layout, pixels)
@@ -427,7 +429,7 @@ def reconstruct(model: nn.Module, family: Family, layout: Layout, pixels: torch.
                 done[name] = UnitResult(*saved[1])
                 bar.update(iterations)
                 continue
-            with _float_weights(model, float_weights):
+            with _float_weights(model, float_params):
                 fargs, fkwargs, target = _capture(model, family, unit, pixels, output=True)
             args, kwargs, _ = _capture(model, family, unit, pixels)
             bar.set_postfix_str(name)

@@ -9,6 +9,10 @@ on that grid:
   ‖(W − Ŵ) X‖² for the layer's calibration inputs X through H = X Xᵀ. The inputs are those of the calibrated,
   reparameterised model (one more forward pass of the calibration images), so the compensation acts on the
   weights the model runs with.
+
+With ``config.compensate_activations`` (``compensate_activations`` below) each Linear's weight and bias are
+first re-solved, in execution order, so that the layer reproduces the float model's output from its quantized
+input; the rounding then acts on those weights, GPTQ with the Hessian of the quantized inputs.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .architectures import Family, Layout
-from .nn import QuantConv2d, QuantLinear
+from .nn import QuantConv2d, QuantLinear, quantizers_disabled
 from .registry import WEIGHT_ROUNDINGS
 
-__all__ = ["gptq_round", "input_hessians", "weight_rounding"]
+__all__ = ["compensate_activations", "compensated_weight", "gptq_round", "input_hessians", "weight_rounding"]
 
 GPTQ_DAMPING = 0.01  # of the mean Hessian diagonal, added to the diagonal (as GPTQ does)
 GPTQ_BLOCK = 128  # columns per lazy-update block: the result does not depend on it
 RESIDUAL_MARGIN = 0.45  # of a step: far enough inside ±½ that float32 rounding cannot move a code
+COMPENSATION_RIDGE = 0.3  # λ of compensated_weight, of the mean Hessian diagonal (benchmarks/compensation_ridge.py)
 
 
 @torch.no_grad()
@@ -147,12 +152,140 @@ def _gptq(model: nn.Module, family: Family, layout: Layout, pixels: torch.Tensor
         module = model.get_submodule(name)
         if name not in hessians:
             continue
-        quantizer = module.weight_quantizer
-        rows = module.weight.reshape(module.weight.shape[0], -1)
-        rounded = gptq_round(rows, hessians[name], quantizer.scale, quantizer.zero_point, quantizer.bits,
-                             residual=True)
-        # a new Parameter: the float model's own Linear keeps its weight, so that quantize() can be undone
-        module.weight = nn.Parameter(rounded.reshape(module.weight.shape).to(module.weight.dtype), requires_grad=False)
+        _set_weight(module, _gptq_rows(module, module.weight, hessians[name]))
+
+
+@torch.no_grad()
+def compensated_weight(weight: torch.Tensor, bias: torch.Tensor | None, hessian: torch.Tensor, cross: torch.Tensor,
+                       ridge: float = COMPENSATION_RIDGE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(out, in)`` weight W* and ``(out,)`` bias b* of a Linear that, applied to its quantized inputs x̃,
+    best reproduce its float outputs W x + b:
+
+        [W* b*] = argmin ‖[W b] X − [W* b*] X̃‖² + λ ‖[W* b*] − [W b]‖²  =  [W b] (C + λI) (H + λI)⁻¹
+
+    with X, X̃ the float and quantized inputs as columns, each with a row of ones appended when the Linear has a
+    bias (``bias`` None: no bias, none appended); ``hessian`` is H = X̃ X̃ᵀ and ``cross`` C = X X̃ᵀ; λ =
+    ``ridge`` · mean(diag H) keeps the solution near [W b] where the calibration inputs do not determine it
+    (ERQ's activation quantization error reduction, Zhong et al., ICML 2024, here with the bias). Computed in
+    float64; returns float32 (b* None without a bias)."""
+    out, columns = weight.shape
+    size = columns + (bias is not None)
+    if hessian.shape != (size, size) or cross.shape != hessian.shape:
+        raise ValueError(f"the Hessian and cross terms must be ({size}, {size}) for a weight of {columns} input "
+                         f"columns{' and a bias' if bias is not None else ''}, got {tuple(hessian.shape)} and "
+                         f"{tuple(cross.shape)}.")
+    wb = weight.detach().double()
+    if bias is not None:
+        wb = torch.cat([wb, bias.detach().double()[:, None]], dim=1)
+    h = hessian.double()
+    eye = torch.eye(size, dtype=torch.float64, device=h.device)
+    lam = ridge * h.diagonal().mean()
+    solved = torch.linalg.solve(h + lam * eye, (wb @ (cross.double() + lam * eye)).T).T  # H + λI is symmetric
+    if bias is None:
+        return solved.float(), None
+    return solved[:, :-1].float(), solved[:, -1].float()
+
+
+@torch.no_grad()
+def compensate_activations(model: nn.Module, family: Family, layout: Layout, pixels: torch.Tensor,
+                           rounding: str) -> None:
+    """Sequential compensation of the activation quantization error, then ``rounding`` (``"nearest"`` or
+    ``"gptq"``) of every weight.
+
+    One float pass of ``pixels`` (every quantizer the identity) records each quantized Linear's input X; in one
+    pass of the calibrated model, before each Linear runs, its weight and bias become ``compensated_weight`` for
+    X and the quantized inputs X̃ it is given there (which already come from the compensated layers before it), its
+    weight grid is re-fitted, and the weight is rounded — by GPTQ with H = X̃ X̃ᵀ for ``"gptq"``. A Linear that
+    runs more than once per forward (a prediction head applied to every decoder layer's output) is solved after
+    the pass, over all its calls. The patch embedding (its input is the image) is rounded only. Holds every
+    quantized Linear's float input on ``pixels`` at once (ViT-S/16, 32 images: about 0.8 GB); Linears that read
+    the same tensor share it."""
+    if rounding not in ("nearest", "gptq"):
+        raise ValueError(f"compensate_activations works with weight_rounding 'nearest' or 'gptq', got {rounding!r}.")
+    modules = {name: model.get_submodule(name) for name in layout.weight_points()}
+    linears = {name: m for name, m in modules.items() if isinstance(m, QuantLinear)}
+    float_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in linears}  # one entry per call
+    last: list[torch.Tensor | None] = [None, None]  # the last input seen and its rows, for Linears that share it
+
+    def record(name: str) -> Callable:
+        def hook(_: nn.Module, args: tuple) -> None:
+            if args[0] is not last[0]:
+                last[0], last[1] = args[0], args[0].detach().float().reshape(-1, args[0].shape[-1]).clone()
+            float_inputs[name].append(last[1])
+        return hook
+
+    repeated = {}  # name → [H, C] summed over the calls of a Linear that runs more than once
+
+    def update(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            if isinstance(module, QuantConv2d):
+                rows = _patch_rows(module, x)
+                if rounding == "gptq" and rows is not None:
+                    _set_weight(module, _gptq_rows(module, module.weight, rows.T @ rows))
+                return
+            xq = module.input_quantizer(x).reshape(-1, x.shape[-1]).double()
+            xf = float_inputs[name].pop(0).double()
+            if module.bias is not None:
+                xq, xf = _with_ones(xq), _with_ones(xf)
+            if name in repeated:
+                repeated[name][0] += xq.T @ xq
+                repeated[name][1] += xf.T @ xq
+            else:
+                _compensate(module, xq.T @ xq, xf.T @ xq, rounding)
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in linears.items()]
+    try:
+        with quantizers_disabled(model):
+            family.logits(model, pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last[:] = [None, None]
+    for name, inputs in float_inputs.items():
+        if len(inputs) > 1:
+            module = linears[name]
+            size = module.in_features + (module.bias is not None)
+            repeated[name] = [torch.zeros(size, size, dtype=torch.float64, device=module.weight.device)
+                              for _ in range(2)]
+    handles = [m.register_forward_pre_hook(update(name)) for name, m in modules.items()]
+    try:
+        family.logits(model, pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, (hessian, cross) in repeated.items():
+        _compensate(linears[name], hessian, cross, rounding)
+
+
+def _compensate(module: QuantLinear, hessian: torch.Tensor, cross: torch.Tensor, rounding: str) -> None:
+    """The module's weight and bias ← ``compensated_weight``, its grid re-fitted, the weight rounded."""
+    weight, bias = compensated_weight(module.weight, module.bias, hessian, cross)
+    _set_weight(module, weight)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(module.bias.dtype), requires_grad=False)
+    module.calibrate_weight()
+    if rounding == "gptq":
+        columns = module.in_features
+        _set_weight(module, _gptq_rows(module, weight, hessian[:columns, :columns]))
+
+
+def _with_ones(rows: torch.Tensor) -> torch.Tensor:
+    return torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1)
+
+
+def _gptq_rows(module: QuantLinear | QuantConv2d, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``gptq_round`` of ``weight`` (the module's shape) on the module's weight grid, with GPTQ's residuals."""
+    quantizer = module.weight_quantizer
+    rows = weight.reshape(weight.shape[0], -1)
+    rounded = gptq_round(rows, hessian, quantizer.scale, quantizer.zero_point, quantizer.bits, residual=True)
+    return rounded.reshape(weight.shape)
+
+
+def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    # a new Parameter: the float model's own Linear keeps its weight, so that quantize() can be undone
+    module.weight = nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
 
 
 def weight_rounding(name: str) -> Rounding:

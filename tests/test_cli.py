@@ -103,12 +103,12 @@ def test_the_accuracy_options_reach_the_saved_config(tmp_path):
     float_dir = models.save_checkpoint(models.hf_vit(), tmp_path / "float")
     assert cli.main(["quantize", float_dir, str(tmp_path / "out"), "--num-calibration-samples", "4",
                      "--softmax-quantizer", "adalog", "--gelu-quantizer", "adalog", "--weight-rounding", "gptq",
-                     "--center-keys"]) == 0
+                     "--center-keys", "--compensate-activations"]) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert (saved["softmax_quantizer"], saved["gelu_quantizer"], saved["weight_rounding"]) == ("adalog",) * 2 + ("gptq",)
-    assert saved["center_keys"] is True
+    assert saved["center_keys"] is True and saved["compensate_activations"] is True
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "AdaLog attention probabilities" in card and "keys centred" in card
+    assert "AdaLog attention probabilities" in card and "keys centred" in card and "re-solved" in card
 
 
 def test_library_errors_name_the_flags():

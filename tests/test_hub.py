@@ -82,6 +82,7 @@ def test_round_trip_gives_identical_logits(family, tmp_path):
     ("hf_swin", {"softmax_quantizer": "adalog", "a_bits": 8}),
     ("wrapped_timm_vit", {"center_keys": True}),  # shifted key biases, in the fused qkv
     ("hf_vit", {"center_keys": True, "weight_rounding": "gptq"}),
+    ("hf_swin", {"compensate_activations": True, "weight_rounding": "gptq"}),  # re-solved weights and biases
 ])
 def test_round_trip_variants(family, config, tmp_path):
     model = _quantized(family, **config)

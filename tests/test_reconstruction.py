@@ -138,7 +138,7 @@ def _prepared(iters: int = ITERS):
     prepare_model(model, family, layout, BitPlan.fixed(layout, 3, 3), config)
     x = models.images(32, seed=1)
     calibrate(model, family, layout, config, x)
-    float_weights = {n: model.get_submodule(n).weight for n in layout.weight_points()}
+    float_weights = {f"{n}.weight": model.get_submodule(n).weight for n in layout.weight_points()}
     return model, family, layout, x, float_weights
 
 
