@@ -11,7 +11,9 @@ test images: full precision, then at W8/A8 and W4/A8
   static per tensor): the paper's default (CRL, log-√2 probabilities, round-to-nearest weights) and the options
   `softmax_quantizer="adalog"`, `weight_rounding="gptq"` and `post_ln="repq"`, alone and combined, and the
   three with block reconstruction (`reconstruction="block"`, on the 1,024 train images after the calibration
-  images), also with min–max activation ranges (`percentiles=[1.0]`: no clipping, which 8 bits can afford);
+  images), also with min–max activation ranges (`percentiles=[1.0]`: no clipping, which 8 bits can afford),
+  and calibration only with `compensate_activations=True` or (with min–max ranges) `center_keys=True`, and
+  AdaLog and GPTQ with min–max ranges and one per-tensor quantizer for the post-LayerNorm inputs (`layerwise`);
 * optimum-quanto (`quantize(weights=qint8|qint4, activations=qint8)` + `Calibration`, static activation scales on
   the Linear layers; attention matmuls in float);
 * torchao (`Int8DynamicActivationInt8WeightConfig`, and `Int8DynamicActivationIntxWeightConfig(torch.int4)` per
@@ -41,6 +43,8 @@ ADALOG_GPTQ = {"softmax_quantizer": "adalog", "weight_rounding": "gptq"}
 ADALOG_GPTQ_REPQ = {**ADALOG_GPTQ, "post_ln": "repq"}
 MINMAX = {"percentiles": [1.0]}
 BLOCK = {"reconstruction": "block"}
+COMP = {"compensate_activations": True}
+KEYS = {"center_keys": True}
 OURS = {
     "default": {},
     "adalog": {"softmax_quantizer": "adalog"},
@@ -51,6 +55,10 @@ OURS = {
     "adalog+gptq+repq+block": {**ADALOG_GPTQ_REPQ, **BLOCK},
     "adalog+gptq+repq+minmax": {**ADALOG_GPTQ_REPQ, **MINMAX},
     "adalog+gptq+repq+minmax+block": {**ADALOG_GPTQ_REPQ, **MINMAX, **BLOCK},
+    "adalog+gptq+repq+comp": {**ADALOG_GPTQ_REPQ, **COMP},
+    "adalog+gptq+repq+minmax+comp": {**ADALOG_GPTQ_REPQ, **MINMAX, **COMP},
+    "adalog+gptq+repq+minmax+keys": {**ADALOG_GPTQ_REPQ, **MINMAX, **KEYS},
+    "adalog+gptq+layerwise+minmax": {**ADALOG_GPTQ, "post_ln": "layerwise", **MINMAX},
 }
 
 

@@ -2,13 +2,14 @@
 
     python benchmarks/point_costs.py [--models ...] [--bits 8 4] [--num-eval 2000] [--seed 0]
 
-For every reference model, W = A = b, quantized with the default config (CRL, log-√2) and with
-`softmax_quantizer="adalog"` (32 seeded calibration images): KL(FP ‖ q) and top-1 agreement on the first
-`--num-eval` test images with all points quantized, then with one group of points quantized alone: the weights;
-the inputs of the post-LayerNorm Linears (q/k/v, fc1, patch merging); the other Linears' inputs by role (o_proj,
-fc2 = post-GELU, the classifier, ...); the patch-embedding input; q and k of q·kᵀ; the probabilities A and V of
-A·V. The groups' costs do not add up exactly (the errors interact), but they rank where the error comes from.
-Weights stay float (round-to-nearest, fake-quantized on each call) so that they can be switched off.
+For every reference model, W = A = b, quantized with the default config (CRL, log-√2), with
+`softmax_quantizer="adalog"`, and with AdaLog, `post_ln="repq"` and min–max ranges (32 seeded calibration images):
+KL(FP ‖ q) and top-1 agreement on the first `--num-eval` test images with all points quantized, then with one group
+of points quantized alone: the weights; the inputs of the post-LayerNorm Linears (q/k/v, fc1, patch merging); the
+other Linears' inputs by role (o_proj, fc2 = post-GELU, the classifier, ...); the patch-embedding input; q and k of
+q·kᵀ; the probabilities A and V of A·V. The groups' costs do not add up exactly (the errors interact), but they rank
+where the error comes from. Weights stay float (round-to-nearest, fake-quantized on each call) so that they can be
+switched off.
 Results in benchmarks/results/point_costs.{json,md}.
 """
 
@@ -31,7 +32,9 @@ from optimum_lrpqvit.evaluation import fidelity, predict_logits
 from optimum_lrpqvit.nn import QuantConv2d, QuantLinear, QuantMatMul, quantizers
 from optimum_lrpqvit.quantize import calibrate, prepare_model
 
-CONFIGS = {"default": {}, "adalog": {"softmax_quantizer": "adalog"}}
+CONFIGS = {"default": {}, "adalog": {"softmax_quantizer": "adalog"},
+           # the best calibration-only W8/A8 recipe of benchmarks/peers.py, weights round-to-nearest here
+           "adalog repq minmax": {"softmax_quantizer": "adalog", "post_ln": "repq", "percentiles": [1.0]}}
 
 
 def groups(model: torch.nn.Module, layout) -> dict[str, list[torch.nn.Module]]:
