@@ -140,7 +140,9 @@ def test_gptq_through_quantize_reduces_the_layer_output_error(family):
     assert errors["gptq"] < 0.9 * errors["nearest"]
 
 
-def test_a_failed_gptq_quantization_leaves_the_float_model(monkeypatch):
+@pytest.mark.parametrize("failing, options", [("gptq_round", {"weight_rounding": "gptq"}),
+                                              ("compensated_weight", {"compensate_activations": True})])
+def test_a_failed_rounding_leaves_the_float_model(monkeypatch, failing, options):
     model = models.FAMILIES["hf_vit"]()
     x = models.images(4, seed=1)
     before = models.logits(model, x)
@@ -149,11 +151,12 @@ def test_a_failed_gptq_quantization_leaves_the_float_model(monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr("optimum_lrpqvit.rounding.gptq_round", fail)
+    monkeypatch.setattr(f"optimum_lrpqvit.rounding.{failing}", fail)
     with pytest.raises(RuntimeError, match="interrupted"):
-        quantize(model, LRPQConfig(weight_rounding="gptq"), models.images(8))
+        quantize(model, LRPQConfig(**options), models.images(8))
     assert torch.equal(models.logits(model, x), before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
 def test_an_unknown_rounding_is_refused_naming_the_known_ones():
