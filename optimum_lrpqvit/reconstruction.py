@@ -208,19 +208,22 @@ def _capture(model: nn.Module, family: Family, unit: nn.Module, pixels: torch.Te
 @contextmanager
 def _float_weights(model: nn.Module, float_params: dict[str, nn.Parameter]) -> Iterator[None]:
     """The float model: every quantizer the identity and every quantized layer on its float parameters."""
-    saved = {}
+    params, folded = [], {}
     for path, param in float_params.items():
         module_name, key = path.rsplit(".", 1)
         module = model.get_submodule(module_name)
-        saved[path] = (module, key, module._parameters[key], module.weight_folded)
+        folded.setdefault(module, module.weight_folded)  # once per module, before any of its parameters is swapped
+        params.append((module, key, module._parameters[key]))
         module._parameters[key] = param
         module.weight_folded = False
     try:
         with quantizers_disabled(model):
             yield
     finally:
-        for module, key, param, folded in saved.values():
-            module._parameters[key], module.weight_folded = param, folded
+        for module, key, param in params:
+            module._parameters[key] = param
+        for module, flag in folded.items():
+            module.weight_folded = flag
 
 
 class _StepSizes:

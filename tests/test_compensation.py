@@ -153,3 +153,29 @@ def test_block_reconstruction_targets_the_float_model_not_the_compensated_biases
 def test_the_option_is_checked_before_anything_runs():
     with pytest.raises(ValueError, match="compensate_activations must be a bool, got 'yes'"):
         LRPQConfig(compensate_activations="yes")
+
+
+def test_the_float_model_context_restores_every_parameter_and_folded_flag():
+    """Reconstruction's float model swaps in weights and biases; leaving it restores both and each module's
+    ``weight_folded`` (the units already tuned hold folded weights)."""
+    from optimum_lrpqvit.bit_plan import BitPlan
+    from optimum_lrpqvit.quantize import calibrate, prepare_model
+
+    model = models.FAMILIES["hf_vit"]()
+    family = find_family(model)
+    config = LRPQConfig(w_bits=4, a_bits=4)
+    layout = family.quantized_layout(model, config)
+    prepare_model(model, family, layout, BitPlan.fixed(layout, 4, 4), config)
+    calibrate(model, family, layout, config, models.images(8))
+    modules = {n: model.get_submodule(n) for n in layout.weight_points()}
+    for module in list(modules.values())[:len(modules) // 2]:
+        module.fold_weight()
+    before = {n: (m.weight_folded, dict(m._parameters)) for n, m in modules.items()}
+    assert any(m.bias is not None and m.weight_folded for m in modules.values())
+    float_params = {f"{n}.{k}": torch.nn.Parameter(p.detach().clone())
+                    for n, m in modules.items() for k, p in m.named_parameters(recurse=False)}
+    with reconstruction_module._float_weights(model, float_params):
+        assert all(not m.weight_folded for m in modules.values())
+    for name, module in modules.items():
+        assert module.weight_folded == before[name][0]
+        assert all(module._parameters[k] is p for k, p in before[name][1].items())
